@@ -121,7 +121,7 @@ pub fn vector_to_bytes(v: &[f32]) -> Vec<u8> {
 }
 
 pub fn vector_from_bytes(bytes: &[u8]) -> Option<Vec<f32>> {
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return None;
     }
     Some(
@@ -148,11 +148,11 @@ impl Store {
             .open()
             .map_err(|e| StoreError::Open {
                 path: path.display().to_string(),
-                reason: match e {
-                    sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
-                        "it is locked by another running semcache".into()
-                    }
-                    other => other.to_string(),
+                reason: if e.to_string().contains("could not acquire lock") {
+                    "it is locked by another running semcache process; stop it or use another --data-dir"
+                        .into()
+                } else {
+                    e.to_string()
                 },
             })?;
         migrate::upgrade(&db)?;
