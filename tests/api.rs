@@ -66,21 +66,29 @@ fn exact_and_semantic_hits() {
 }
 
 #[test]
-fn max_results_returns_the_best_first() {
+fn max_results_returns_the_best_first_and_explain_says_why() {
     let s = Server::start(&[]);
     s.set("c", "How do I bake sourdough bread?", "a", json!({}));
-    s.set("c", "How to bake a sourdough loaf at home?", "b", json!({}));
+    s.set(
+        "c",
+        "How can I make sourdough bread at home?",
+        "b",
+        json!({}),
+    );
+    s.set("c", "Steps for baking a loaf of sourdough", "c", json!({}));
     s.set(
         "c",
         "What is the best sourdough bread recipe?",
-        "c",
+        "d",
         json!({}),
     );
-    let hits = s.search(
-        "c",
-        json!({"prompt": "How do I bake sourdough bread?", "maxResults": 3, "similarityThreshold": 0.3}),
+    let r = s.post(
+        "/v1/caches/c/entries/search?explain=true",
+        &json!({"prompt": "How do I bake sourdough bread?", "maxResults": 4, "similarityThreshold": 0.3}),
     );
-    assert_eq!(hits.len(), 3);
+    let body: Value = r.json().unwrap();
+    let hits = body["data"].as_array().unwrap();
+    assert_eq!(hits.len(), 3, "{body:#}");
     assert_eq!(hits[0]["response"], "a");
     assert_eq!(hits[0]["searchStrategy"], "exact");
     let sims: Vec<f64> = hits
@@ -88,6 +96,28 @@ fn max_results_returns_the_best_first() {
         .map(|h| h["similarity"].as_f64().unwrap())
         .collect();
     assert!(sims.windows(2).all(|w| w[0] >= w[1]), "{sims:?}");
+    // "recipe" in place of "bake" is a different question: explain names the rule.
+    let rejected: Vec<&Value> = body["explain"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["served"] == false)
+        .collect();
+    assert_eq!(rejected.len(), 1, "{body:#}");
+    assert_eq!(
+        rejected[0]["prompt"],
+        "What is the best sourdough bread recipe?"
+    );
+    assert_eq!(rejected[0]["rejected"]["rule"], "wordSwapped");
+    // Without explain there is no explain field.
+    let plain: Value = s
+        .post(
+            "/v1/caches/c/entries/search",
+            &json!({"prompt": "How do I bake sourdough bread?"}),
+        )
+        .json()
+        .unwrap();
+    assert!(plain.get("explain").is_none());
 }
 
 #[test]

@@ -12,7 +12,7 @@ use utoipa::ToSchema;
 use super::extract::{CacheId, JsonBody};
 use super::problem::{ApiError, FieldError, Problem};
 use super::{AppState, Limits};
-use crate::cache::{Hit, NewEntry, Query, Strategy};
+use crate::cache::{Considered, Hit, NewEntry, Query, SearchOutcome, Strategy};
 use crate::store::EntryId;
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -47,6 +47,18 @@ pub struct CacheEntry {
 pub struct SearchResponse {
     /// Best first; empty on a miss.
     pub data: Vec<CacheEntry>,
+    /// With `?explain=true`: every candidate considered, served or not, and why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub explain: Option<Vec<Considered>>,
+}
+
+/// `?explain=true` on search routes.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+pub struct SearchParams {
+    /// Include every candidate considered and why it was or was not served.
+    #[serde(default)]
+    pub explain: bool,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -169,7 +181,7 @@ fn parse_strategies(raw: &Option<Vec<String>>, checks: &mut Checks) -> Vec<Strat
 }
 
 impl SearchRequest {
-    pub fn into_query(self, limits: &Limits) -> Result<Query, ApiError> {
+    pub fn into_query(self, limits: &Limits, explain: bool) -> Result<Query, ApiError> {
         let mut checks = Checks::default();
         checks.text("prompt", &self.prompt, limits.max_prompt_bytes, false);
         if let Some(t) = self.similarity_threshold {
@@ -199,6 +211,7 @@ impl SearchRequest {
             similarity_threshold: self.similarity_threshold.map(|t| t as f32),
             strategies,
             max_results: max_results as usize,
+            explain,
         })
     }
 }
@@ -229,6 +242,23 @@ impl SetRequest {
     }
 }
 
+/// `SearchParams` from the query string; a malformed one is a 400 problem.
+pub struct SearchQueryParams(pub SearchParams);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for SearchQueryParams {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<SearchParams>::from_request_parts(parts, state)
+            .await
+            .map(|q| SearchQueryParams(q.0))
+            .map_err(|e| ApiError::field("explain", "type", e.body_text()))
+    }
+}
+
 fn to_entry(hit: Hit) -> CacheEntry {
     CacheEntry {
         id: hit.entry.id.to_string(),
@@ -245,8 +275,9 @@ fn to_entry(hit: Hit) -> CacheEntry {
 }
 
 /// The search response with the `x-semcache*` headers a gateway can act on.
-pub fn search_response(hits: Vec<Hit>) -> Response {
-    let data: Vec<CacheEntry> = hits.into_iter().map(to_entry).collect();
+pub fn search_response(outcome: SearchOutcome, explain: bool) -> Response {
+    let data: Vec<CacheEntry> = outcome.hits.into_iter().map(to_entry).collect();
+    let explain = explain.then_some(outcome.considered);
     let mut headers = HeaderMap::new();
     match data.first() {
         Some(best) => {
@@ -262,13 +293,13 @@ pub fn search_response(hits: Vec<Hit>) -> Response {
             headers.insert("x-semcache", HeaderValue::from_static("miss"));
         }
     }
-    (headers, Json(SearchResponse { data })).into_response()
+    (headers, Json(SearchResponse { data, explain })).into_response()
 }
 
 /// Searches a cache: exact match first, then semantic.
 #[utoipa::path(
     post, path = "/v1/caches/{cacheId}/entries/search", tag = "cache",
-    params(("cacheId" = String, Path, description = "[A-Za-z0-9._-]{1,128}")),
+    params(("cacheId" = String, Path, description = "[A-Za-z0-9._-]{1,128}"), SearchParams),
     request_body = SearchRequest,
     responses(
         (status = 200, description = "Hits, best first; `data: []` is a miss", body = SearchResponse,
@@ -283,12 +314,13 @@ pub fn search_response(hits: Vec<Hit>) -> Response {
 pub async fn search(
     State(state): State<AppState>,
     CacheId(cache_id): CacheId,
+    params: SearchQueryParams,
     JsonBody(body): JsonBody<SearchRequest>,
 ) -> Result<Response, ApiError> {
-    let query = body.into_query(state.limits())?;
+    let query = body.into_query(state.limits(), params.0.explain)?;
     let core = state.core()?;
-    let hits = core.search(&cache_id, &query).await?;
-    Ok(search_response(hits))
+    let outcome = core.search(&cache_id, &query).await?;
+    Ok(search_response(outcome, query.explain))
 }
 
 /// Stores a prompt and its response; durable once answered 201.

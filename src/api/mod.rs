@@ -2,6 +2,7 @@
 //!
 //! Handlers stay thin: parse and validate, call the cache core, shape the response.
 
+pub mod caches;
 pub mod embeddings;
 pub mod entries;
 pub mod extract;
@@ -145,6 +146,14 @@ pub fn router(state: AppState) -> Router {
             delete(entries::delete_one),
         )
         .route("/v1/caches/{cacheId}/flush", post(entries::flush))
+        .route(
+            "/v1/caches/{cacheId}",
+            get(caches::get_cache).put(caches::put_cache),
+        )
+        .route(
+            "/v1/caches/{cacheId}/entries/{entryId}/feedback",
+            post(caches::feedback),
+        )
         .route("/v1/embeddings", post(embeddings::create))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))

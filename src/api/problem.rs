@@ -99,6 +99,9 @@ impl From<CacheError> for ApiError {
             CacheError::Embed(e) => e.into(),
             CacheError::Store(e) => e.into(),
             CacheError::Index(e) => ApiError::Internal(e.to_string()),
+            CacheError::NoRecentQuery => {
+                ApiError::field("prompt", "required", CacheError::NoRecentQuery.to_string())
+            }
         }
     }
 }

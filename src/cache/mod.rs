@@ -6,18 +6,29 @@
 //! derived from it and rebuilt from it at start-up without re-embedding anything.
 
 mod normalize;
+mod recent;
 mod table;
+pub mod verify;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::embed::{EmbedError, Embedder};
 use crate::index::{dot, IndexError, IndexParams, VectorIndex};
-use crate::store::{EntryId, EntryRecord, Store, StoreError};
+use crate::store::{CacheSettings, EntryId, EntryRecord, FeedbackRecord, Store, StoreError};
 
 pub use normalize::{normalize_prompt, prompt_hash};
+use recent::RecentAnswers;
 use table::{Slot, SlotTable};
+pub use verify::{Rejection, VerifyRules};
+
+/// A query this close to one reported wrong for an entry is refused that entry.
+const REPORTED_SIMILARITY: f32 = 0.9;
+/// A query this close to one confirmed correct for an entry skips the lexical rules.
+const CONFIRMED_SIMILARITY: f32 = 0.95;
+/// Feedback examples kept per entry and kind (oldest dropped first).
+const MAX_FEEDBACK_EXAMPLES: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -29,6 +40,8 @@ pub enum CacheError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Index(#[from] IndexError),
+    #[error("no recent lookup was answered by this entry; send the prompt it answered")]
+    NoRecentQuery,
 }
 
 /// Server-wide cache behaviour.
@@ -42,6 +55,7 @@ pub struct CacheConfig {
     /// Scoped searches whose candidate set is at most this large are answered by exact
     /// brute force instead of a filtered HNSW walk (perfect recall for narrow scopes).
     pub brute_force_limit: usize,
+    pub verify: VerifyRules,
 }
 
 impl Default for CacheConfig {
@@ -51,6 +65,7 @@ impl Default for CacheConfig {
             default_ttl_ms: None,
             index: IndexParams::default(),
             brute_force_limit: 1024,
+            verify: VerifyRules::default(),
         }
     }
 }
@@ -71,6 +86,8 @@ pub struct Query {
     /// In priority order; empty means both, exact first.
     pub strategies: Vec<Strategy>,
     pub max_results: usize,
+    /// Report every candidate considered and why it was or was not served.
+    pub explain: bool,
 }
 
 /// What an insert stores.
@@ -87,6 +104,26 @@ pub struct Hit {
     pub entry: EntryRecord,
     pub similarity: f32,
     pub strategy: Strategy,
+}
+
+/// One candidate a lookup looked at, for `explain`.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Considered {
+    pub id: String,
+    pub prompt: String,
+    pub similarity: f32,
+    pub strategy: Strategy,
+    pub served: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<Rejection>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SearchOutcome {
+    pub hits: Vec<Hit>,
+    /// Filled only when the query asked to explain.
+    pub considered: Vec<Considered>,
 }
 
 pub fn now_ms() -> u64 {
@@ -107,6 +144,7 @@ struct CacheState {
     /// no insert can land half in a generation that is being replaced.
     gate: tokio::sync::RwLock<()>,
     current: RwLock<Arc<Generation>>,
+    settings: RwLock<CacheSettings>,
 }
 
 pub struct CacheService {
@@ -114,6 +152,13 @@ pub struct CacheService {
     embedder: Embedder,
     config: CacheConfig,
     caches: RwLock<HashMap<String, Arc<CacheState>>>,
+    recent: Mutex<RecentAnswers>,
+}
+
+/// Hash of the normalised text the model did not see, for prompts past its window.
+fn tail_hash(prompt: &str, truncated_at: Option<usize>) -> Option<String> {
+    let at = truncated_at?;
+    prompt.get(at..).map(prompt_hash)
 }
 
 impl CacheService {
@@ -124,7 +169,12 @@ impl CacheService {
             embedder,
             config,
             caches: RwLock::new(HashMap::new()),
+            recent: Mutex::new(RecentAnswers::default()),
         };
+        for item in service.store.scan_settings() {
+            let (cache_id, settings) = item?;
+            *service.state_or_create(&cache_id).settings_mut() = settings;
+        }
         let now = now_ms();
         let mut expired: Vec<(String, EntryId)> = Vec::new();
         let mut loaded = 0usize;
@@ -134,10 +184,18 @@ impl CacheService {
                 expired.push((record.cache_id.clone(), record.id));
                 continue;
             }
-            let state = service.state_or_create(&record.cache_id);
-            let generation = state.generation();
+            let generation = service.state_or_create(&record.cache_id).generation();
             register(&generation, &record, &vector)?;
             loaded += 1;
+        }
+        for item in service.store.scan_feedback() {
+            let (cache_id, id, feedback) = item?;
+            if let Some(state) = service.state(&cache_id) {
+                state
+                    .generation()
+                    .write()
+                    .set_feedback(&id, Arc::new(feedback));
+            }
         }
         for (cache_id, id) in &expired {
             service.store.remove(cache_id, std::slice::from_ref(id))?;
@@ -186,15 +244,47 @@ impl CacheService {
         self.embedder.info().dimensions
     }
 
+    /// A cache's settings (the server defaults for a cache never configured).
+    pub fn settings(&self, cache_id: &str) -> CacheSettings {
+        self.state(cache_id)
+            .map(|s| s.settings().clone())
+            .unwrap_or_default()
+    }
+
+    /// Replaces a cache's settings, creating the cache if needed; durable on return.
+    pub async fn put_settings(
+        &self,
+        cache_id: &str,
+        settings: CacheSettings,
+    ) -> Result<(), CacheError> {
+        let state = self.state_or_create(cache_id);
+        self.store.put_settings(cache_id, &settings)?;
+        self.store.flush().await?;
+        *state.settings_mut() = settings;
+        Ok(())
+    }
+
+    fn threshold(&self, state: &CacheState, query: &Query) -> f32 {
+        query
+            .similarity_threshold
+            .or(state.settings().similarity_threshold)
+            .unwrap_or(self.config.similarity_threshold)
+    }
+
     /// Stores an entry; when this returns it is durable (fsynced).
     pub async fn insert(&self, cache_id: &str, new: NewEntry) -> Result<EntryId, CacheError> {
         let embedded = self.embedder.embed(new.prompt.clone()).await?;
+        let state = self.state_or_create(cache_id);
         let now = now_ms();
-        let ttl = new.ttl_ms.or(self.config.default_ttl_ms);
+        let ttl = new
+            .ttl_ms
+            .or(state.settings().default_ttl_millis)
+            .or(self.config.default_ttl_ms);
         let record = EntryRecord {
             id: EntryId::new(),
             cache_id: cache_id.to_string(),
             prompt_hash: prompt_hash(&new.prompt),
+            tail_hash: tail_hash(&new.prompt, embedded.truncated_at),
             prompt: new.prompt,
             response: new.response,
             attributes: new.attributes,
@@ -202,7 +292,6 @@ impl CacheService {
             expires_at_ms: ttl.map(|t| now.saturating_add(t)),
             hits: 0,
         };
-        let state = self.state_or_create(cache_id);
         let _gate = state.gate.read().await;
         self.store.insert(&record, &embedded.vector)?;
         self.store.flush().await?;
@@ -215,10 +304,11 @@ impl CacheService {
         Ok(record.id)
     }
 
-    /// Exact first (no model run), then semantic, as the query's strategies say.
-    pub async fn search(&self, cache_id: &str, query: &Query) -> Result<Vec<Hit>, CacheError> {
+    /// Exact first (no model run), then semantic through the verifier, as the query's
+    /// strategies say.
+    pub async fn search(&self, cache_id: &str, query: &Query) -> Result<SearchOutcome, CacheError> {
         let Some(state) = self.state(cache_id) else {
-            return Ok(Vec::new());
+            return Ok(SearchOutcome::default());
         };
         let generation = state.generation();
         let strategies = if query.strategies.is_empty() {
@@ -226,70 +316,218 @@ impl CacheService {
         } else {
             query.strategies.clone()
         };
-        let threshold = query
-            .similarity_threshold
-            .unwrap_or(self.config.similarity_threshold);
+        let threshold = self.threshold(&state, query);
         let now = now_ms();
-        let mut found: Vec<(usize, f32, Strategy)> = Vec::new();
+        let mut outcome = SearchOutcome::default();
+        let mut served: Vec<usize> = Vec::new();
         for strategy in strategies {
-            if found.len() >= query.max_results {
+            if outcome.hits.len() >= query.max_results {
                 break;
             }
-            let wanted = query.max_results - found.len();
-            let taken = |slot: usize| found.iter().any(|(s, _, _)| *s == slot);
-            let more: Vec<(usize, f32)> = match strategy {
+            match strategy {
                 Strategy::Exact => {
-                    let hash = prompt_hash(&query.prompt);
-                    let table = generation.read();
-                    table
-                        .exact_matches(&hash, &query.attributes, now)
-                        .into_iter()
-                        .filter(|slot| !taken(*slot))
-                        .take(wanted)
-                        .map(|slot| (slot, 1.0))
-                        .collect()
+                    let slots = generation.read().exact_matches(
+                        &prompt_hash(&query.prompt),
+                        &query.attributes,
+                        now,
+                    );
+                    for slot in slots {
+                        if outcome.hits.len() >= query.max_results {
+                            break;
+                        }
+                        if served.contains(&slot) {
+                            continue;
+                        }
+                        let Some(entry) = self.entry_at(cache_id, &generation, slot)? else {
+                            continue;
+                        };
+                        served.push(slot);
+                        self.serve(&mut outcome, query, entry, 1.0, Strategy::Exact);
+                    }
                 }
                 Strategy::Semantic => {
                     if generation.read().live() == 0 {
                         continue;
                     }
-                    let vector = self.embedder.embed(query.prompt.clone()).await?.vector;
-                    self.nearest(
+                    self.semantic(
                         cache_id,
                         &generation,
-                        &vector,
-                        &query.attributes,
-                        wanted + found.len(),
+                        query,
+                        threshold,
                         now,
-                    )?
-                    .into_iter()
-                    .filter(|(slot, sim)| *sim >= threshold && !taken(*slot))
-                    .take(wanted)
-                    .collect()
+                        &mut served,
+                        &mut outcome,
+                    )
+                    .await?;
                 }
-            };
-            found.extend(more.into_iter().map(|(slot, sim)| (slot, sim, strategy)));
+            }
         }
-
-        let mut hits = Vec::with_capacity(found.len());
-        for (slot, similarity, strategy) in found {
-            let Some(id) = generation.read().entry_id(slot) else {
-                continue;
-            };
-            // The entry may have been deleted since the index answered.
-            let Some(entry) = self.store.get(cache_id, &id)? else {
-                continue;
-            };
-            if let Err(e) = self.store.record_hit(cache_id, &id) {
+        for hit in &outcome.hits {
+            if let Err(e) = self.store.record_hit(cache_id, &hit.entry.id) {
                 tracing::warn!(error = %e, "could not count a hit");
             }
-            hits.push(Hit {
-                entry,
-                similarity: similarity.clamp(0.0, 1.0),
+            if let Ok(mut recent) = self.recent.lock() {
+                recent.remember(cache_id, hit.entry.id, &query.prompt);
+            }
+        }
+        Ok(outcome)
+    }
+
+    fn serve(
+        &self,
+        outcome: &mut SearchOutcome,
+        query: &Query,
+        entry: EntryRecord,
+        similarity: f32,
+        strategy: Strategy,
+    ) {
+        let similarity = similarity.clamp(0.0, 1.0);
+        if query.explain {
+            outcome.considered.push(Considered {
+                id: entry.id.to_string(),
+                prompt: entry.prompt.clone(),
+                similarity,
                 strategy,
+                served: true,
+                rejected: None,
             });
         }
-        Ok(hits)
+        outcome.hits.push(Hit {
+            entry,
+            similarity,
+            strategy,
+        });
+    }
+
+    /// The entry behind a live slot, if the store still has it.
+    fn entry_at(
+        &self,
+        cache_id: &str,
+        generation: &Generation,
+        slot: usize,
+    ) -> Result<Option<EntryRecord>, CacheError> {
+        let Some(id) = generation.read().entry_id(slot) else {
+            return Ok(None);
+        };
+        Ok(self.store.get(cache_id, &id)?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn semantic(
+        &self,
+        cache_id: &str,
+        generation: &Generation,
+        query: &Query,
+        threshold: f32,
+        now: u64,
+        served: &mut Vec<usize>,
+        outcome: &mut SearchOutcome,
+    ) -> Result<(), CacheError> {
+        let embedded = self.embedder.embed(query.prompt.clone()).await?;
+        let vector = embedded.vector;
+        let query_tail = tail_hash(&query.prompt, embedded.truncated_at);
+        let query_sig = verify::Signature::of(&query.prompt);
+        // Look past the first few: the best candidate may fail verification while the
+        // next one is a true paraphrase.
+        let k = (query.max_results * 4).max(8);
+        let candidates = self.nearest(cache_id, generation, &vector, &query.attributes, k, now)?;
+        for (slot, similarity) in candidates {
+            if outcome.hits.len() >= query.max_results {
+                break;
+            }
+            if served.contains(&slot) {
+                continue;
+            }
+            let feedback = generation.read().feedback(slot);
+            let best = |examples: &[Vec<f32>]| {
+                examples
+                    .iter()
+                    .map(|e| dot(&vector, e))
+                    .fold(f32::MIN, f32::max)
+            };
+            let confirmed = feedback
+                .as_ref()
+                .is_some_and(|f| best(&f.confirmed) >= CONFIRMED_SIMILARITY);
+            let reported = feedback
+                .as_ref()
+                .map(|f| best(&f.wrong))
+                .unwrap_or(f32::MIN);
+            if similarity < threshold && !confirmed {
+                // Candidates come best first: nothing further can pass either, unless
+                // confirmed by feedback, which only an explained lookup needs to show.
+                if query.explain {
+                    self.explain_rejection(
+                        cache_id,
+                        generation,
+                        slot,
+                        similarity,
+                        Rejection::BelowThreshold { threshold },
+                        outcome,
+                    )?;
+                }
+                continue;
+            }
+            let Some(entry) = self.entry_at(cache_id, generation, slot)? else {
+                continue;
+            };
+            let rejection = if reported >= REPORTED_SIMILARITY {
+                Some(Rejection::ReportedWrong {
+                    similarity: reported,
+                })
+            } else if entry.tail_hash != query_tail {
+                Some(Rejection::TailDiffers)
+            } else if confirmed {
+                None
+            } else {
+                verify::check(
+                    &self.config.verify,
+                    &query_sig,
+                    &verify::Signature::of(&entry.prompt),
+                )
+                .err()
+            };
+            match rejection {
+                None => {
+                    served.push(slot);
+                    self.serve(outcome, query, entry, similarity, Strategy::Semantic);
+                }
+                Some(rejected) => {
+                    if query.explain {
+                        outcome.considered.push(Considered {
+                            id: entry.id.to_string(),
+                            prompt: entry.prompt,
+                            similarity: similarity.clamp(0.0, 1.0),
+                            strategy: Strategy::Semantic,
+                            served: false,
+                            rejected: Some(rejected),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn explain_rejection(
+        &self,
+        cache_id: &str,
+        generation: &Generation,
+        slot: usize,
+        similarity: f32,
+        rejected: Rejection,
+        outcome: &mut SearchOutcome,
+    ) -> Result<(), CacheError> {
+        if let Some(entry) = self.entry_at(cache_id, generation, slot)? {
+            outcome.considered.push(Considered {
+                id: entry.id.to_string(),
+                prompt: entry.prompt,
+                similarity: similarity.clamp(0.0, 1.0),
+                strategy: Strategy::Semantic,
+                served: false,
+                rejected: Some(rejected),
+            });
+        }
+        Ok(())
     }
 
     /// The `k` live, in-scope slots nearest to `vector`, with their similarity.
@@ -325,6 +563,52 @@ impl CacheService {
         let keep = |slot: usize| table.visible(slot, attributes, now);
         let found = generation.index.search(vector, k, &keep)?;
         Ok(found.into_iter().map(|n| (n.slot, n.similarity)).collect())
+    }
+
+    /// Records that an entry answered a prompt wrongly (it will not answer that prompt
+    /// or its close paraphrases again) or correctly (close paraphrases of that prompt
+    /// skip the lexical rules). Durable on return.
+    pub async fn feedback(
+        &self,
+        cache_id: &str,
+        id: &EntryId,
+        correct: bool,
+        prompt: Option<String>,
+    ) -> Result<(), CacheError> {
+        let state = self.state(cache_id).ok_or(CacheError::NotFound)?;
+        let generation = state.generation();
+        if generation.read().slot_of(id).is_none() {
+            return Err(CacheError::NotFound);
+        }
+        let prompt = match prompt {
+            Some(p) => p,
+            None => self
+                .recent
+                .lock()
+                .ok()
+                .and_then(|r| r.last(cache_id, *id))
+                .ok_or(CacheError::NoRecentQuery)?,
+        };
+        let vector = self.embedder.embed(prompt).await?.vector;
+        let _gate = state.gate.read().await;
+        let mut record: FeedbackRecord = generation
+            .read()
+            .feedback_of(id)
+            .map(|f| (*f).clone())
+            .unwrap_or_default();
+        let examples = if correct {
+            &mut record.confirmed
+        } else {
+            &mut record.wrong
+        };
+        examples.push(vector);
+        if examples.len() > MAX_FEEDBACK_EXAMPLES {
+            examples.remove(0);
+        }
+        self.store.put_feedback(cache_id, id, &record)?;
+        self.store.flush().await?;
+        generation.write().set_feedback(id, Arc::new(record));
+        Ok(())
     }
 
     pub async fn delete(&self, cache_id: &str, id: &EntryId) -> Result<(), CacheError> {
@@ -406,6 +690,7 @@ impl CacheState {
         Self {
             gate: tokio::sync::RwLock::new(()),
             current: RwLock::new(Arc::new(Generation::new(dimensions, config))),
+            settings: RwLock::new(CacheSettings::default()),
         }
     }
 
@@ -418,6 +703,14 @@ impl CacheState {
 
     fn replace(&self, generation: Generation) {
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(generation);
+    }
+
+    fn settings(&self) -> std::sync::RwLockReadGuard<'_, CacheSettings> {
+        self.settings.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn settings_mut(&self) -> std::sync::RwLockWriteGuard<'_, CacheSettings> {
+        self.settings.write().unwrap_or_else(|p| p.into_inner())
     }
 }
 

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use crate::store::{EntryId, EntryRecord};
+use crate::store::{EntryId, EntryRecord, FeedbackRecord};
 
 pub struct Slot {
     id: EntryId,
@@ -34,6 +34,7 @@ pub struct SlotTable {
     by_hash: HashMap<String, Vec<usize>>,
     /// `(key, value)` → slots carrying that attribute (dead ones included until rebuild).
     postings: HashMap<(String, String), Vec<usize>>,
+    feedback: HashMap<usize, Arc<FeedbackRecord>>,
     live: usize,
 }
 
@@ -72,6 +73,7 @@ impl SlotTable {
         let Some(n) = self.by_id.remove(id) else {
             return;
         };
+        self.feedback.remove(&n);
         let slot = &mut self.slots[n];
         if slot.alive {
             slot.alive = false;
@@ -82,6 +84,24 @@ impl SlotTable {
             if list.is_empty() {
                 self.by_hash.remove(&slot.prompt_hash);
             }
+        }
+    }
+
+    pub fn slot_of(&self, id: &EntryId) -> Option<usize> {
+        self.by_id.get(id).copied()
+    }
+
+    pub fn feedback(&self, n: usize) -> Option<Arc<FeedbackRecord>> {
+        self.feedback.get(&n).cloned()
+    }
+
+    pub fn feedback_of(&self, id: &EntryId) -> Option<Arc<FeedbackRecord>> {
+        self.slot_of(id).and_then(|n| self.feedback(n))
+    }
+
+    pub fn set_feedback(&mut self, id: &EntryId, record: Arc<FeedbackRecord>) {
+        if let Some(n) = self.slot_of(id) {
+            self.feedback.insert(n, record);
         }
     }
 

@@ -98,6 +98,8 @@ pub struct Embedded {
     pub vector: Vec<f32>,
     /// Tokens the model saw, special tokens included, after truncation.
     pub tokens: usize,
+    /// Byte offset where the unseen tail of a truncated text begins.
+    pub truncated_at: Option<usize>,
 }
 
 struct Job {
@@ -244,12 +246,19 @@ fn run_batch(backend: &BertBackend, batch: &mut [(Job, TokenizedText)]) {
     let result = backend.embed(&inputs);
     let replies = batch.iter_mut().map(|(job, tokens)| {
         let (reply, _) = oneshot::channel();
-        (std::mem::replace(&mut job.reply, reply), tokens.ids.len())
+        (
+            std::mem::replace(&mut job.reply, reply),
+            (tokens.ids.len(), tokens.truncated_at),
+        )
     });
     match result {
         Ok(vectors) => {
-            for ((reply, tokens), vector) in replies.zip(vectors) {
-                let _ = reply.send(Ok(Embedded { vector, tokens }));
+            for ((reply, (tokens, truncated_at)), vector) in replies.zip(vectors) {
+                let _ = reply.send(Ok(Embedded {
+                    vector,
+                    tokens,
+                    truncated_at,
+                }));
             }
         }
         Err(e) => {

@@ -14,6 +14,8 @@ pub struct TextTokenizer {
 #[derive(Debug, Clone)]
 pub struct TokenizedText {
     pub ids: Vec<u32>,
+    /// Byte offset where the text the model cannot see begins, when it was truncated.
+    pub truncated_at: Option<usize>,
 }
 
 impl TextTokenizer {
@@ -40,8 +42,14 @@ impl TextTokenizer {
             .inner
             .encode(text, true)
             .map_err(|e| EmbedError::Tokenize(e.to_string()))?;
+        let truncated_at = if encoding.get_overflowing().is_empty() {
+            None
+        } else {
+            encoding.get_offsets().iter().map(|(_, end)| *end).max()
+        };
         Ok(TokenizedText {
             ids: encoding.get_ids().to_vec(),
+            truncated_at,
         })
     }
 }

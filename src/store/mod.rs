@@ -100,6 +100,10 @@ pub struct EntryRecord {
     pub expires_at_ms: Option<u64>,
     #[serde(default)]
     pub hits: u64,
+    /// For prompts longer than the model's window: hash of the normalised part the
+    /// model cannot see, so two long prompts that differ only there never match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tail_hash: Option<String>,
 }
 
 pub fn entry_key(cache_id: &str, id: &EntryId) -> Vec<u8> {
@@ -108,6 +112,15 @@ pub fn entry_key(cache_id: &str, id: &EntryId) -> Vec<u8> {
     key.push(b'/');
     key.extend_from_slice(&id.0);
     key
+}
+
+fn split_key(key: &[u8]) -> Option<(String, EntryId)> {
+    if key.len() < 18 || key[key.len() - 17] != b'/' {
+        return None;
+    }
+    let (cache, id) = key.split_at(key.len() - 16);
+    let cache = std::str::from_utf8(&cache[..cache.len() - 1]).ok()?;
+    Some((cache.to_string(), EntryId(id.try_into().ok()?)))
 }
 
 fn cache_prefix(cache_id: &str) -> Vec<u8> {
@@ -132,11 +145,35 @@ pub fn vector_from_bytes(bytes: &[u8]) -> Option<Vec<f32>> {
     )
 }
 
+/// What users reported about an entry's answers (`/feedback`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FeedbackRecord {
+    /// Embeddings of prompts this entry answered wrongly.
+    pub wrong: Vec<Vec<f32>>,
+    /// Embeddings of prompts this entry answered correctly.
+    pub confirmed: Vec<Vec<f32>>,
+}
+
+/// A cache's own settings; `None` fields fall back to the server's defaults.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheSettings {
+    pub similarity_threshold: Option<f32>,
+    pub default_ttl_millis: Option<u64>,
+    pub max_entries: Option<u64>,
+    pub max_bytes: Option<u64>,
+    #[serde(default)]
+    pub allow_sampled: bool,
+}
+
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
     entries: sled::Tree,
     vectors: sled::Tree,
+    feedback: sled::Tree,
+    settings: sled::Tree,
 }
 
 impl Store {
@@ -159,6 +196,8 @@ impl Store {
         Ok(Self {
             entries: db.open_tree("entries")?,
             vectors: db.open_tree("vectors")?,
+            feedback: db.open_tree("feedback")?,
+            settings: db.open_tree("settings")?,
             db,
         })
     }
@@ -203,13 +242,15 @@ impl Store {
     /// Removes entries; returns how many existed.
     pub fn remove(&self, cache_id: &str, ids: &[EntryId]) -> Result<usize, StoreError> {
         let keys: Vec<Vec<u8>> = ids.iter().map(|id| entry_key(cache_id, id)).collect();
-        let removed = (&self.entries, &self.vectors).transaction(|(entries, vectors)| {
+        let trees = (&self.entries, &self.vectors, &self.feedback);
+        let removed = trees.transaction(|(entries, vectors, feedback)| {
             let mut removed = 0;
             for key in &keys {
                 if entries.remove(key.as_slice())?.is_some() {
                     removed += 1;
                 }
                 vectors.remove(key.as_slice())?;
+                feedback.remove(key.as_slice())?;
             }
             Ok::<_, ConflictableTransactionError<StoreError>>(removed)
         })?;
@@ -224,6 +265,7 @@ impl Store {
             let key = key?;
             self.entries.remove(&key)?;
             self.vectors.remove(&key)?;
+            self.feedback.remove(&key)?;
             removed += 1;
         }
         Ok(removed)
@@ -243,6 +285,61 @@ impl Store {
                     reason: "entry has no vector".into(),
                 })?;
             Ok((record, vector))
+        })
+    }
+
+    pub fn put_feedback(
+        &self,
+        cache_id: &str,
+        id: &EntryId,
+        record: &FeedbackRecord,
+    ) -> Result<(), StoreError> {
+        let key = entry_key(cache_id, id);
+        let value = serde_json::to_vec(record).map_err(|e| StoreError::Corrupt {
+            key: id.to_string(),
+            reason: e.to_string(),
+        })?;
+        self.feedback.insert(key, value)?;
+        Ok(())
+    }
+
+    /// Every feedback record as `(cacheId, entryId, record)`.
+    pub fn scan_feedback(
+        &self,
+    ) -> impl Iterator<Item = Result<(String, EntryId, FeedbackRecord), StoreError>> + '_ {
+        self.feedback.iter().map(|item| {
+            let (key, bytes) = item?;
+            let corrupt = |reason: String| StoreError::Corrupt {
+                key: String::from_utf8_lossy(&key).into_owned(),
+                reason,
+            };
+            let (cache, id) = split_key(&key).ok_or_else(|| corrupt("bad key".into()))?;
+            let record = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+            Ok((cache, id, record))
+        })
+    }
+
+    pub fn put_settings(&self, cache_id: &str, settings: &CacheSettings) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(settings).map_err(|e| StoreError::Corrupt {
+            key: cache_id.to_string(),
+            reason: e.to_string(),
+        })?;
+        self.settings.insert(cache_id.as_bytes(), value)?;
+        Ok(())
+    }
+
+    /// Every cache's settings.
+    pub fn scan_settings(
+        &self,
+    ) -> impl Iterator<Item = Result<(String, CacheSettings), StoreError>> + '_ {
+        self.settings.iter().map(|item| {
+            let (key, bytes) = item?;
+            let cache = String::from_utf8_lossy(&key).into_owned();
+            let settings = serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+                key: cache.clone(),
+                reason: e.to_string(),
+            })?;
+            Ok((cache, settings))
         })
     }
 
@@ -296,6 +393,7 @@ mod tests {
             created_at_ms: 1,
             expires_at_ms: None,
             hits: 0,
+            tail_hash: None,
         }
     }
 

@@ -1,0 +1,353 @@
+//! The verification stage between HNSW candidates and an answer.
+//!
+//! A small embedder scores "I want a refund" and "I do not want a refund", "2+2" and
+//! "2+3", or "… in Anchorage County" and "… in Denali County" as near-identical. Each
+//! rule here catches one such class with a cheap lexical comparison of the two prompts
+//! and says why it rejected, so `?explain=true` can show it. The rules only fire when
+//! the prompts are *near-identical edits* of each other (most words shared): a real
+//! paraphrase rewords freely, and then the embedding's judgement stands.
+
+use std::collections::HashSet;
+
+use serde::Serialize;
+
+/// Why a candidate was not served.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "rule", rename_all = "camelCase")]
+pub enum Rejection {
+    /// Similarity under the threshold in force.
+    #[serde(rename_all = "camelCase")]
+    BelowThreshold { threshold: f32 },
+    /// The numbers (and the arithmetic between them) differ.
+    #[serde(rename_all = "camelCase")]
+    NumbersDiffer {
+        query: Vec<String>,
+        entry: Vec<String>,
+    },
+    /// One prompt negates what the other asserts.
+    #[serde(rename_all = "camelCase")]
+    NegationDiffers { query: usize, entry: usize },
+    /// A name in one prompt is replaced by a different name in the other.
+    #[serde(rename_all = "camelCase")]
+    EntitiesDiffer {
+        query: Vec<String>,
+        entry: Vec<String>,
+    },
+    /// One content word swapped for another in an otherwise identical prompt.
+    #[serde(rename_all = "camelCase")]
+    WordSwapped { query: String, entry: String },
+    /// A prompt is longer than the model's window and the parts it cannot see differ.
+    TailDiffers,
+    /// Someone reported this entry as a wrong answer for a prompt like this one.
+    #[serde(rename_all = "camelCase")]
+    ReportedWrong { similarity: f32 },
+}
+
+impl Rejection {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Rejection::BelowThreshold { .. } => "belowThreshold",
+            Rejection::NumbersDiffer { .. } => "numbersDiffer",
+            Rejection::NegationDiffers { .. } => "negationDiffers",
+            Rejection::EntitiesDiffer { .. } => "entitiesDiffer",
+            Rejection::WordSwapped { .. } => "wordSwapped",
+            Rejection::TailDiffers => "tailDiffers",
+            Rejection::ReportedWrong { .. } => "reportedWrong",
+        }
+    }
+}
+
+/// Lexical facts about one prompt, computed once per lookup.
+#[derive(Debug, Clone, Default)]
+pub struct Signature {
+    words: HashSet<String>,
+    content: HashSet<String>,
+    numbers: Vec<String>,
+    negations: usize,
+    entities: HashSet<String>,
+}
+
+const STOPWORDS: &[&str] = &[
+    "a", "an", "the", "is", "are", "was", "were", "be", "been", "being", "am", "do", "does", "did",
+    "of", "in", "on", "at", "to", "for", "from", "by", "with", "about", "as", "into", "like",
+    "through", "over", "after", "before", "between", "under", "and", "or", "but", "if", "then",
+    "so", "than", "that", "this", "these", "those", "it", "its", "i", "me", "my", "we", "our",
+    "you", "your", "he", "she", "they", "them", "their", "what", "which", "who", "whom", "whose",
+    "when", "where", "why", "how", "can", "could", "should", "would", "will", "shall", "may",
+    "might", "must", "has", "have", "had", "there", "here", "some", "any", "all", "most", "more",
+    "much", "many", "very", "just", "also", "too", "please", "tell", "give", "get", "i'm", "it's",
+    "what's", "s", "way", "ways", "best", "good", "someone", "one",
+];
+
+const NEGATIONS: &[&str] = &[
+    "not", "no", "never", "none", "nothing", "nobody", "neither", "nor", "without", "cannot",
+    "nowhere",
+];
+
+const NUMBER_WORDS: &[(&str, &str)] = &[
+    ("zero", "0"),
+    ("one", "1"),
+    ("two", "2"),
+    ("three", "3"),
+    ("four", "4"),
+    ("five", "5"),
+    ("six", "6"),
+    ("seven", "7"),
+    ("eight", "8"),
+    ("nine", "9"),
+    ("ten", "10"),
+    ("eleven", "11"),
+    ("twelve", "12"),
+    ("twenty", "20"),
+    ("hundred", "100"),
+    ("thousand", "1000"),
+    ("million", "1000000"),
+    ("billion", "1000000000"),
+    ("first", "1st"),
+    ("second", "2nd"),
+    ("third", "3rd"),
+    ("half", "0.5"),
+    ("plus", "+"),
+    ("minus", "-"),
+    ("times", "*"),
+];
+
+fn stem(word: &str) -> String {
+    for suffix in ["ing", "ed", "es", "s", "ly"] {
+        if word.len() > suffix.len() + 3 && word.ends_with(suffix) {
+            return word[..word.len() - suffix.len()].to_string();
+        }
+    }
+    word.to_string()
+}
+
+fn is_word_char(c: char) -> bool {
+    c.is_alphanumeric() || c == '_' || c == '\''
+}
+
+impl Signature {
+    pub fn of(text: &str) -> Self {
+        let text = text.replace(['’', '‘'], "'");
+        let mut sig = Signature::default();
+        let mut sentence_start = true;
+        let mut chars = text.char_indices().peekable();
+        while let Some((start, c)) = chars.next() {
+            if is_word_char(c) {
+                let mut end = start + c.len_utf8();
+                while let Some(&(i, c)) = chars.peek() {
+                    if is_word_char(c) || (matches!(c, '.' | ',') && next_is_digit(&text, i)) {
+                        end = i + c.len_utf8();
+                        chars.next();
+                    } else {
+                        break;
+                    }
+                }
+                let raw = text[start..end].trim_matches('\'');
+                sig.add_word(raw, sentence_start);
+                sentence_start = false;
+            } else if matches!(
+                c,
+                '+' | '-' | '*' | '/' | '^' | '%' | '=' | '<' | '>' | '×' | '÷'
+            ) {
+                sig.numbers.push(c.to_string());
+            } else if matches!(c, '.' | '!' | '?' | ':' | ';' | '\n') {
+                sentence_start = true;
+            }
+        }
+        // Operators alone mean nothing ("-" in "state-of-the-art"); keep them only
+        // between numbers.
+        if !sig
+            .numbers
+            .iter()
+            .any(|t| t.chars().any(|c| c.is_ascii_digit()))
+        {
+            sig.numbers.clear();
+        }
+        sig
+    }
+
+    fn add_word(&mut self, raw: &str, sentence_start: bool) {
+        if raw.is_empty() {
+            return;
+        }
+        let lower = raw.to_lowercase();
+        if raw.chars().any(|c| c.is_ascii_digit()) {
+            self.numbers.push(lower.replace(',', ""));
+        } else if let Some((_, n)) = NUMBER_WORDS.iter().find(|(w, _)| *w == lower) {
+            self.numbers.push(n.to_string());
+        }
+        if NEGATIONS.contains(&lower.as_str()) || lower.ends_with("n't") {
+            self.negations += 1;
+        }
+        let first = raw.chars().next().unwrap_or(' ');
+        let has_inner_capital = raw.chars().skip(1).any(|c| c.is_uppercase());
+        let capitalised = (first.is_uppercase() && !sentence_start) || has_inner_capital;
+        if capitalised && !STOPWORDS.contains(&lower.as_str()) {
+            self.entities.insert(lower.clone());
+        }
+        if !STOPWORDS.contains(&lower.as_str()) && !NEGATIONS.contains(&lower.as_str()) {
+            self.content.insert(stem(&lower));
+        }
+        self.words.insert(lower);
+    }
+
+    /// Share of content words the two prompts have in common (Jaccard).
+    fn overlap(&self, other: &Signature) -> f32 {
+        let shared = self.content.intersection(&other.content).count();
+        let all = self.content.union(&other.content).count();
+        if all == 0 {
+            1.0
+        } else {
+            shared as f32 / all as f32
+        }
+    }
+}
+
+fn next_is_digit(text: &str, i: usize) -> bool {
+    text[i + 1..]
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_digit())
+}
+
+/// Rule settings. Defaults are the documented operating point.
+#[derive(Debug, Clone, Copy)]
+pub struct VerifyRules {
+    pub enabled: bool,
+    /// Content-word overlap from which two prompts count as edits of each other.
+    pub edit_overlap: f32,
+}
+
+impl Default for VerifyRules {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            edit_overlap: 0.5,
+        }
+    }
+}
+
+/// Checks a candidate whose similarity already passed the threshold.
+pub fn check(rules: &VerifyRules, query: &Signature, entry: &Signature) -> Result<(), Rejection> {
+    if !rules.enabled {
+        return Ok(());
+    }
+    if query.numbers != entry.numbers {
+        return Err(Rejection::NumbersDiffer {
+            query: query.numbers.clone(),
+            entry: entry.numbers.clone(),
+        });
+    }
+    if query.overlap(entry) < rules.edit_overlap {
+        return Ok(());
+    }
+    if query.negations != entry.negations {
+        return Err(Rejection::NegationDiffers {
+            query: query.negations,
+            entry: entry.negations,
+        });
+    }
+    let unmatched = |a: &Signature, b: &Signature| -> Vec<String> {
+        let mut v: Vec<String> = a
+            .entities
+            .iter()
+            .filter(|e| !b.words.contains(*e))
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    };
+    let (eq, ee) = (unmatched(query, entry), unmatched(entry, query));
+    if !eq.is_empty() && !ee.is_empty() {
+        return Err(Rejection::EntitiesDiffer {
+            query: eq,
+            entry: ee,
+        });
+    }
+    let only_q: Vec<&String> = query.content.difference(&entry.content).collect();
+    let only_e: Vec<&String> = entry.content.difference(&query.content).collect();
+    if only_q.len() == 1 && only_e.len() == 1 {
+        return Err(Rejection::WordSwapped {
+            query: only_q[0].clone(),
+            entry: only_e[0].clone(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verdict(a: &str, b: &str) -> Result<(), Rejection> {
+        check(
+            &VerifyRules::default(),
+            &Signature::of(a),
+            &Signature::of(b),
+        )
+    }
+
+    #[test]
+    fn numbers_and_arithmetic() {
+        assert!(matches!(
+            verdict("2+2", "2+3"),
+            Err(Rejection::NumbersDiffer { .. })
+        ));
+        assert!(matches!(
+            verdict("What is 3 minus 5?", "What is 5 minus 3?"),
+            Err(Rejection::NumbersDiffer { .. })
+        ));
+        assert!(matches!(
+            verdict("2*2", "2+2"),
+            Err(Rejection::NumbersDiffer { .. })
+        ));
+        assert!(verdict("What is 2+2?", "what is 2 + 2").is_ok());
+        assert!(verdict("Is 1,000 a lot?", "is 1000 a lot").is_ok());
+        assert!(matches!(
+            verdict("I need two tickets", "I need 3 tickets"),
+            Err(Rejection::NumbersDiffer { .. })
+        ));
+    }
+
+    #[test]
+    fn negation() {
+        assert!(matches!(
+            verdict("I want a refund.", "I do not want a refund."),
+            Err(Rejection::NegationDiffers { .. })
+        ));
+        assert!(matches!(
+            verdict("I don't want a refund", "I want a refund"),
+            Err(Rejection::NegationDiffers { .. })
+        ));
+        assert!(verdict("I don’t want a refund", "I do not want a refund").is_ok());
+    }
+
+    #[test]
+    fn entities() {
+        let r = verdict(
+            "What is the population of Anchorage County?",
+            "What is the population of Denali County?",
+        );
+        assert!(matches!(r, Err(Rejection::EntitiesDiffer { .. })), "{r:?}");
+        assert!(verdict("Who is the CEO of Apple?", "Who is the CEO of Apple Inc?").is_ok());
+        assert!(verdict(
+            "Tell me about Paris. It is nice.",
+            "Tell me about Paris. Is it nice?"
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn paraphrases_pass() {
+        assert!(verdict(
+            "How do I reset my password?",
+            "How can I reset my password?"
+        )
+        .is_ok());
+        assert!(verdict(
+            "What is the capital of France?",
+            "Tell me the capital city of France."
+        )
+        .is_ok());
+    }
+}
