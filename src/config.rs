@@ -30,6 +30,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the HTTP service (the default).
     Serve(ServeArgs),
+    /// Measure hit quality on a labelled pairs file (precision/recall per threshold).
+    Eval(crate::eval::EvalArgs),
     /// Manage the embedding model.
     Model {
         #[command(subcommand)]

@@ -9,6 +9,7 @@ pub mod api;
 pub mod cache;
 pub mod config;
 pub mod embed;
+pub mod eval;
 pub mod index;
 pub mod server;
 pub mod store;

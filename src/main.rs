@@ -28,6 +28,10 @@ fn main() -> ExitCode {
             model_command(command)
         }
         Some(Command::Serve(args)) => run_server(args),
+        Some(Command::Eval(args)) => {
+            init_logging(LogFormat::Text);
+            semcache::eval::run(args)
+        }
         None => run_server(cli.serve),
     };
     match result {

@@ -96,7 +96,7 @@ fn max_results_returns_the_best_first_and_explain_says_why() {
         .map(|h| h["similarity"].as_f64().unwrap())
         .collect();
     assert!(sims.windows(2).all(|w| w[0] >= w[1]), "{sims:?}");
-    // "recipe" in place of "bake" is a different question: explain names the rule.
+    // A time limit the query does not have is a different question: explain says so.
     let rejected: Vec<&Value> = body["explain"]
         .as_array()
         .unwrap()

@@ -121,6 +121,13 @@ impl Checks {
         }
         for (key, value) in attributes {
             let field = format!("attributes.{key}");
+            if key.starts_with("semcache.") {
+                self.fail(
+                    &field,
+                    "reserved",
+                    "attribute names starting with semcache. are reserved",
+                );
+            }
             if key.is_empty() || key.len() > limits.max_attribute_bytes {
                 self.fail(
                     &field,

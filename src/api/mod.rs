@@ -3,6 +3,7 @@
 //! Handlers stay thin: parse and validate, call the cache core, shape the response.
 
 pub mod caches;
+pub mod chat;
 pub mod embeddings;
 pub mod entries;
 pub mod extract;
@@ -146,6 +147,8 @@ pub fn router(state: AppState) -> Router {
             delete(entries::delete_one),
         )
         .route("/v1/caches/{cacheId}/flush", post(entries::flush))
+        .route("/v1/caches/{cacheId}/chat/search", post(chat::search))
+        .route("/v1/caches/{cacheId}/chat/entries", post(chat::insert))
         .route(
             "/v1/caches/{cacheId}",
             get(caches::get_cache).put(caches::put_cache),

@@ -51,6 +51,8 @@ pub enum ApiError {
     PayloadTooLarge { limit: usize },
     #[error("{0}")]
     NotFound(String),
+    #[error("not cached: {0}")]
+    Uncacheable(String),
     #[error("{method} is not allowed here")]
     MethodNotAllowed { method: String },
     #[error("{detail}")]
@@ -71,6 +73,7 @@ impl ApiError {
             ApiError::Validation(_) | ApiError::MalformedJson(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Uncacheable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
@@ -84,6 +87,7 @@ impl ApiError {
             ApiError::MalformedJson(_) => ("malformed-json", "Malformed JSON"),
             ApiError::PayloadTooLarge { .. } => ("payload-too-large", "Payload too large"),
             ApiError::NotFound(_) => ("not-found", "Not found"),
+            ApiError::Uncacheable(_) => ("uncacheable", "Not cacheable"),
             ApiError::MethodNotAllowed { .. } => ("method-not-allowed", "Method not allowed"),
             ApiError::Unavailable { .. } => ("unavailable", "Service unavailable"),
             ApiError::InsufficientStorage => ("insufficient-storage", "Insufficient storage"),

@@ -5,6 +5,7 @@
 //! source of truth; each cache's in-memory [`Generation`] (slot table + HNSW index) is
 //! derived from it and rebuilt from it at start-up without re-embedding anything.
 
+pub mod chat;
 mod normalize;
 mod recent;
 mod table;
@@ -155,10 +156,32 @@ pub struct CacheService {
     recent: Mutex<RecentAnswers>,
 }
 
-/// Hash of the normalised text the model did not see, for prompts past its window.
-fn tail_hash(prompt: &str, truncated_at: Option<usize>) -> Option<String> {
-    let at = truncated_at?;
-    prompt.get(at..).map(prompt_hash)
+/// Whether the parts of two prompts the model did not see (past its window) agree:
+/// the normalised prompts must share a suffix covering both unseen parts. Prompts within
+/// the window always agree.
+fn tails_agree(
+    query: &str,
+    query_end: Option<usize>,
+    entry: &str,
+    entry_end: Option<usize>,
+) -> bool {
+    if query_end.is_none() && entry_end.is_none() {
+        return true;
+    }
+    let unseen = |text: &str, end: Option<usize>| {
+        end.and_then(|at| text.get(at..))
+            .map(|tail| normalize_prompt(tail).chars().count())
+            .unwrap_or(0)
+    };
+    let needed = unseen(query, query_end).max(unseen(entry, entry_end));
+    let (q, e) = (normalize_prompt(query), normalize_prompt(entry));
+    let common = q
+        .chars()
+        .rev()
+        .zip(e.chars().rev())
+        .take_while(|(a, b)| a == b)
+        .count();
+    common >= needed
 }
 
 impl CacheService {
@@ -284,7 +307,7 @@ impl CacheService {
             id: EntryId::new(),
             cache_id: cache_id.to_string(),
             prompt_hash: prompt_hash(&new.prompt),
-            tail_hash: tail_hash(&new.prompt, embedded.truncated_at),
+            window_end: embedded.truncated_at,
             prompt: new.prompt,
             response: new.response,
             attributes: new.attributes,
@@ -425,11 +448,10 @@ impl CacheService {
     ) -> Result<(), CacheError> {
         let embedded = self.embedder.embed(query.prompt.clone()).await?;
         let vector = embedded.vector;
-        let query_tail = tail_hash(&query.prompt, embedded.truncated_at);
+        let query_end = embedded.truncated_at;
         let query_sig = verify::Signature::of(&query.prompt);
-        // Look past the first few: the best candidate may fail verification while the
-        // next one is a true paraphrase.
-        let k = (query.max_results * 4).max(8);
+        // A few more than asked: some may be confirmed by feedback below the threshold.
+        let k = (query.max_results * 2).max(4);
         let candidates = self.nearest(cache_id, generation, &vector, &query.attributes, k, now)?;
         for (slot, similarity) in candidates {
             if outcome.hits.len() >= query.max_results {
@@ -474,7 +496,7 @@ impl CacheService {
                 Some(Rejection::ReportedWrong {
                     similarity: reported,
                 })
-            } else if entry.tail_hash != query_tail {
+            } else if !tails_agree(&query.prompt, query_end, &entry.prompt, entry.window_end) {
                 Some(Rejection::TailDiffers)
             } else if confirmed {
                 None
@@ -501,6 +523,13 @@ impl CacheService {
                             served: false,
                             rejected: Some(rejected),
                         });
+                    }
+                    // When the nearest prompt is a near-identical edit that differs in a
+                    // number, a name or a negation, the query asks something the cache
+                    // has not seen: what ranks below is less like it still, so serve
+                    // nothing rather than a worse match.
+                    if outcome.hits.is_empty() {
+                        break;
                     }
                 }
             }

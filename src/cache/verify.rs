@@ -33,9 +33,6 @@ pub enum Rejection {
         query: Vec<String>,
         entry: Vec<String>,
     },
-    /// One content word swapped for another in an otherwise identical prompt.
-    #[serde(rename_all = "camelCase")]
-    WordSwapped { query: String, entry: String },
     /// A prompt is longer than the model's window and the parts it cannot see differ.
     TailDiffers,
     /// Someone reported this entry as a wrong answer for a prompt like this one.
@@ -50,7 +47,6 @@ impl Rejection {
             Rejection::NumbersDiffer { .. } => "numbersDiffer",
             Rejection::NegationDiffers { .. } => "negationDiffers",
             Rejection::EntitiesDiffer { .. } => "entitiesDiffer",
-            Rejection::WordSwapped { .. } => "wordSwapped",
             Rejection::TailDiffers => "tailDiffers",
             Rejection::ReportedWrong { .. } => "reportedWrong",
         }
@@ -61,10 +57,17 @@ impl Rejection {
 #[derive(Debug, Clone, Default)]
 pub struct Signature {
     words: HashSet<String>,
-    content: HashSet<String>,
+    /// Numbers (sorted), then arithmetic expressions like `3-5` (sorted).
     numbers: Vec<String>,
     negations: usize,
     entities: HashSet<String>,
+}
+
+/// The number-bearing skeleton of a prompt, in order.
+enum Tok {
+    Num(String),
+    Op(char),
+    Break,
 }
 
 const STOPWORDS: &[&str] = &[
@@ -84,9 +87,9 @@ const NEGATIONS: &[&str] = &[
     "nowhere",
 ];
 
+/// Spelled numbers ("one" is left out: "one of the…" is rarely a count).
 const NUMBER_WORDS: &[(&str, &str)] = &[
     ("zero", "0"),
-    ("one", "1"),
     ("two", "2"),
     ("three", "3"),
     ("four", "4"),
@@ -99,27 +102,14 @@ const NUMBER_WORDS: &[(&str, &str)] = &[
     ("eleven", "11"),
     ("twelve", "12"),
     ("twenty", "20"),
+    ("thirty", "30"),
     ("hundred", "100"),
     ("thousand", "1000"),
     ("million", "1000000"),
     ("billion", "1000000000"),
-    ("first", "1st"),
-    ("second", "2nd"),
-    ("third", "3rd"),
-    ("half", "0.5"),
-    ("plus", "+"),
-    ("minus", "-"),
-    ("times", "*"),
 ];
 
-fn stem(word: &str) -> String {
-    for suffix in ["ing", "ed", "es", "s", "ly"] {
-        if word.len() > suffix.len() + 3 && word.ends_with(suffix) {
-            return word[..word.len() - suffix.len()].to_string();
-        }
-    }
-    word.to_string()
-}
+const OPERATOR_WORDS: &[(&str, char)] = &[("plus", '+'), ("minus", '-'), ("times", '*')];
 
 fn is_word_char(c: char) -> bool {
     c.is_alphanumeric() || c == '_' || c == '\''
@@ -129,6 +119,7 @@ impl Signature {
     pub fn of(text: &str) -> Self {
         let text = text.replace(['’', '‘'], "'");
         let mut sig = Signature::default();
+        let mut skeleton = Vec::new();
         let mut sentence_start = true;
         let mut chars = text.char_indices().peekable();
         while let Some((start, c)) = chars.next() {
@@ -143,38 +134,40 @@ impl Signature {
                     }
                 }
                 let raw = text[start..end].trim_matches('\'');
-                sig.add_word(raw, sentence_start);
+                sig.add_word(raw, sentence_start, &mut skeleton);
                 sentence_start = false;
             } else if matches!(
                 c,
                 '+' | '-' | '*' | '/' | '^' | '%' | '=' | '<' | '>' | '×' | '÷'
             ) {
-                sig.numbers.push(c.to_string());
-            } else if matches!(c, '.' | '!' | '?' | ':' | ';' | '\n') {
-                sentence_start = true;
+                skeleton.push(Tok::Op(c));
+            } else if matches!(c, '.' | '!' | '?' | ':' | ';' | ',' | '\n') {
+                sentence_start = c != ',';
+                skeleton.push(Tok::Break);
             }
         }
-        // Operators alone mean nothing ("-" in "state-of-the-art"); keep them only
-        // between numbers.
-        if !sig
-            .numbers
-            .iter()
-            .any(|t| t.chars().any(|c| c.is_ascii_digit()))
-        {
-            sig.numbers.clear();
-        }
+        sig.numbers = number_signature(&skeleton);
         sig
     }
 
-    fn add_word(&mut self, raw: &str, sentence_start: bool) {
+    fn add_word(&mut self, raw: &str, sentence_start: bool, skeleton: &mut Vec<Tok>) {
         if raw.is_empty() {
             return;
         }
         let lower = raw.to_lowercase();
-        if raw.chars().any(|c| c.is_ascii_digit()) {
-            self.numbers.push(lower.replace(',', ""));
+        // "France's" names France.
+        let lower = lower
+            .strip_suffix("'s")
+            .map(str::to_string)
+            .unwrap_or(lower);
+        if raw.starts_with(|c: char| c.is_ascii_digit()) {
+            skeleton.push(Tok::Num(lower.replace(',', "")));
         } else if let Some((_, n)) = NUMBER_WORDS.iter().find(|(w, _)| *w == lower) {
-            self.numbers.push(n.to_string());
+            skeleton.push(Tok::Num(n.to_string()));
+        } else if let Some((_, op)) = OPERATOR_WORDS.iter().find(|(w, _)| *w == lower) {
+            skeleton.push(Tok::Op(*op));
+        } else {
+            skeleton.push(Tok::Break);
         }
         if NEGATIONS.contains(&lower.as_str()) || lower.ends_with("n't") {
             self.negations += 1;
@@ -185,22 +178,54 @@ impl Signature {
         if capitalised && !STOPWORDS.contains(&lower.as_str()) {
             self.entities.insert(lower.clone());
         }
-        if !STOPWORDS.contains(&lower.as_str()) && !NEGATIONS.contains(&lower.as_str()) {
-            self.content.insert(stem(&lower));
-        }
         self.words.insert(lower);
     }
 
-    /// Share of content words the two prompts have in common (Jaccard).
+    /// Share of words the two prompts have in common (Jaccard), negations aside, so
+    /// "the payment did not go through" is an edit of "the payment went through".
     fn overlap(&self, other: &Signature) -> f32 {
-        let shared = self.content.intersection(&other.content).count();
-        let all = self.content.union(&other.content).count();
+        let plain = |w: &&String| !NEGATIONS.contains(&w.as_str()) && !w.ends_with("n't");
+        let shared = self.words.intersection(&other.words).filter(plain).count();
+        let all = self.words.union(&other.words).filter(plain).count();
         if all == 0 {
             1.0
         } else {
             shared as f32 / all as f32
         }
     }
+}
+
+/// Sorted numbers, then sorted expressions (`number op number …`, order kept inside
+/// each), so "3 minus 5" and "5 minus 3" differ while reordered clauses do not.
+fn number_signature(skeleton: &[Tok]) -> Vec<String> {
+    let mut numbers: Vec<String> = Vec::new();
+    let mut expressions: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < skeleton.len() {
+        if let Tok::Num(n) = &skeleton[i] {
+            numbers.push(n.clone());
+            let mut expr = n.clone();
+            let mut j = i;
+            while let (Some(Tok::Op(op)), Some(Tok::Num(m))) =
+                (skeleton.get(j + 1), skeleton.get(j + 2))
+            {
+                expr.push(*op);
+                expr.push_str(m);
+                numbers.push(m.clone());
+                j += 2;
+            }
+            if j > i {
+                expressions.push(expr);
+            }
+            i = j + 1;
+        } else {
+            i += 1;
+        }
+    }
+    numbers.sort();
+    expressions.sort();
+    numbers.extend(expressions);
+    numbers
 }
 
 fn next_is_digit(text: &str, i: usize) -> bool {
@@ -214,7 +239,7 @@ fn next_is_digit(text: &str, i: usize) -> bool {
 #[derive(Debug, Clone, Copy)]
 pub struct VerifyRules {
     pub enabled: bool,
-    /// Content-word overlap from which two prompts count as edits of each other.
+    /// Word overlap (Jaccard) from which two prompts count as edits of each other.
     pub edit_overlap: f32,
 }
 
@@ -262,14 +287,6 @@ pub fn check(rules: &VerifyRules, query: &Signature, entry: &Signature) -> Resul
         return Err(Rejection::EntitiesDiffer {
             query: eq,
             entry: ee,
-        });
-    }
-    let only_q: Vec<&String> = query.content.difference(&entry.content).collect();
-    let only_e: Vec<&String> = entry.content.difference(&query.content).collect();
-    if only_q.len() == 1 && only_e.len() == 1 {
-        return Err(Rejection::WordSwapped {
-            query: only_q[0].clone(),
-            entry: only_e[0].clone(),
         });
     }
     Ok(())

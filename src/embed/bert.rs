@@ -46,28 +46,6 @@ impl BertBackend {
             .map_err(|e| EmbedError::Inference(e.to_string()))
     }
 
-    /// Contextual token vectors (last hidden state) of one text, L2-normalised per token.
-    pub fn token_vectors(&self, text: &TokenizedText) -> Result<Vec<Vec<f32>>, EmbedError> {
-        (|| -> candle_core::Result<Vec<Vec<f32>>> {
-            let n = text.ids.len();
-            let ids = Tensor::from_vec(text.ids.clone(), (1, n), &self.device)?;
-            let hidden = self
-                .model
-                .forward(&ids, &ids.zeros_like()?, None)?
-                .squeeze(0)?;
-            let norms = hidden
-                .sqr()?
-                .sum_keepdim(1)?
-                .sqrt()?
-                .clamp(1e-12f32, f32::MAX)?;
-            hidden
-                .broadcast_div(&norms)?
-                .to_device(&Device::Cpu)?
-                .to_vec2::<f32>()
-        })()
-        .map_err(|e| EmbedError::Inference(e.to_string()))
-    }
-
     fn embed_inner(&self, batch: &[&TokenizedText]) -> candle_core::Result<Vec<Vec<f32>>> {
         let max_len = batch.iter().map(|t| t.ids.len()).max().unwrap_or(0);
         let n = batch.len();

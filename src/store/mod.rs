@@ -100,10 +100,11 @@ pub struct EntryRecord {
     pub expires_at_ms: Option<u64>,
     #[serde(default)]
     pub hits: u64,
-    /// For prompts longer than the model's window: hash of the normalised part the
-    /// model cannot see, so two long prompts that differ only there never match.
+    /// For prompts longer than the model's window: the byte offset where the part
+    /// the model cannot see begins, so two long prompts that differ only there never
+    /// match semantically.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tail_hash: Option<String>,
+    pub window_end: Option<usize>,
 }
 
 pub fn entry_key(cache_id: &str, id: &EntryId) -> Vec<u8> {
@@ -170,6 +171,7 @@ pub struct CacheSettings {
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
+    commits: GroupCommit,
     entries: sled::Tree,
     vectors: sled::Tree,
     feedback: sled::Tree,
@@ -194,6 +196,7 @@ impl Store {
             })?;
         migrate::upgrade(&db)?;
         Ok(Self {
+            commits: GroupCommit::start(db.clone())?,
             entries: db.open_tree("entries")?,
             vectors: db.open_tree("vectors")?,
             feedback: db.open_tree("feedback")?,
@@ -355,10 +358,9 @@ impl Store {
         Ok(())
     }
 
-    /// Makes every write so far durable (fsync). Concurrent callers share the work.
+    /// Makes every write so far durable (fsync). Concurrent callers share one flush.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
-        Ok(())
+        self.commits.flush().await
     }
 
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
@@ -368,6 +370,48 @@ impl Store {
 
     pub fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+/// Group commit on one thread. sled 0.34's `flush_async` deadlocks when many tasks
+/// flush at once (seen here under 64 concurrent inserts), so every waiter hands a reply
+/// channel to this thread; each `flush()` it runs covers every write made before the
+/// waiters it then answers had enqueued.
+#[derive(Clone)]
+struct GroupCommit {
+    tx: std::sync::mpsc::Sender<tokio::sync::oneshot::Sender<Result<(), String>>>,
+}
+
+impl GroupCommit {
+    fn start(db: sled::Db) -> Result<Self, StoreError> {
+        let (tx, rx) =
+            std::sync::mpsc::channel::<tokio::sync::oneshot::Sender<Result<(), String>>>();
+        std::thread::Builder::new()
+            .name("semcache-commit".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut waiters = vec![first];
+                    waiters.extend(rx.try_iter());
+                    let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
+                    for waiter in waiters {
+                        let _ = waiter.send(result.clone());
+                    }
+                }
+            })?;
+        Ok(Self { tx })
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        let (reply, done) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(reply)
+            .map_err(|_| StoreError::Sled("the commit thread has stopped".into()))?;
+        match done.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) if e.contains("No space left") => Err(StoreError::DiskFull),
+            Ok(Err(e)) => Err(StoreError::Sled(e)),
+            Err(_) => Err(StoreError::Sled("the commit thread has stopped".into())),
+        }
     }
 }
 
@@ -393,7 +437,7 @@ mod tests {
             created_at_ms: 1,
             expires_at_ms: None,
             hits: 0,
-            tail_hash: None,
+            window_end: None,
         }
     }
 
