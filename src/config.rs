@@ -119,6 +119,20 @@ pub struct ServeArgs {
     /// Most texts in one forward pass.
     #[arg(long, env = "SEMCACHE_EMBED_BATCH", default_value_t = 32)]
     pub embed_batch: usize,
+    /// Most live entries over all caches together; beyond it, capacity eviction.
+    #[arg(long, env = "SEMCACHE_MAX_ENTRIES")]
+    pub max_entries: Option<u64>,
+    /// Most bytes (prompts, responses, attributes, vectors) over all caches together.
+    #[arg(long, env = "SEMCACHE_MAX_BYTES")]
+    pub max_bytes: Option<u64>,
+    /// Which entry capacity eviction drops: least frequently used (with aging) or least recently used.
+    #[arg(
+        long,
+        env = "SEMCACHE_EVICTION_POLICY",
+        value_enum,
+        default_value = "lfu"
+    )]
+    pub eviction_policy: crate::cache::evict::Policy,
     /// HNSW ef at search time (higher: better recall, slower).
     #[arg(long, env = "SEMCACHE_HNSW_EF_SEARCH", default_value_t = 64)]
     pub hnsw_ef_search: usize,
@@ -142,6 +156,9 @@ impl ServeArgs {
                 ef_search: self.hnsw_ef_search.max(1),
                 ..IndexParams::default()
             },
+            eviction: self.eviction_policy,
+            max_entries: self.max_entries,
+            max_bytes: self.max_bytes,
             ..CacheConfig::default()
         }
     }

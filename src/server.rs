@@ -59,10 +59,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             loop {
                 tick.tick().await;
                 if let Ok(core) = state.core() {
-                    match core.sweep_expired().await {
-                        Ok(0) => {}
-                        Ok(n) => tracing::info!(removed = n, "expired entries swept"),
-                        Err(e) => tracing::warn!(error = %e, "expiry sweep failed"),
+                    if let Err(e) = core.maintain().await {
+                        tracing::warn!(error = %e, "background maintenance failed");
                     }
                 }
             }

@@ -78,7 +78,7 @@ fn max_results_returns_the_best_first_and_explain_says_why() {
     s.set("c", "Steps for baking a loaf of sourdough", "c", json!({}));
     s.set(
         "c",
-        "What is the best sourdough bread recipe?",
+        "How do I bake sourdough bread in 2 hours?",
         "d",
         json!({}),
     );
@@ -106,9 +106,9 @@ fn max_results_returns_the_best_first_and_explain_says_why() {
     assert_eq!(rejected.len(), 1, "{body:#}");
     assert_eq!(
         rejected[0]["prompt"],
-        "What is the best sourdough bread recipe?"
+        "How do I bake sourdough bread in 2 hours?"
     );
-    assert_eq!(rejected[0]["rejected"]["rule"], "wordSwapped");
+    assert_eq!(rejected[0]["rejected"]["rule"], "numbersDiffer");
     // Without explain there is no explain field.
     let plain: Value = s
         .post(

@@ -9,6 +9,7 @@ use utoipa::ToSchema;
 use super::extract::{CacheId, JsonBody};
 use super::problem::{ApiError, FieldError, Problem};
 use super::AppState;
+use crate::cache::stats::StatsSnapshot;
 use crate::store::{CacheSettings, EntryId};
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -32,6 +33,8 @@ pub struct CacheView {
     pub cache_id: String,
     /// Effective settings: this cache's own, else the server's defaults.
     pub settings: EffectiveSettings,
+    /// Counters since start and current sizes.
+    pub stats: StatsSnapshot,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -49,6 +52,7 @@ fn view(state: &AppState, cache_id: String) -> Result<CacheView, ApiError> {
     let own = core.settings(&cache_id);
     let defaults = core.config();
     Ok(CacheView {
+        stats: core.stats(&cache_id).unwrap_or_default(),
         settings: EffectiveSettings {
             similarity_threshold: own
                 .similarity_threshold
@@ -62,7 +66,7 @@ fn view(state: &AppState, cache_id: String) -> Result<CacheView, ApiError> {
     })
 }
 
-/// A cache's effective settings.
+/// A cache's effective settings and its stats.
 #[utoipa::path(
     get, path = "/v1/caches/{cacheId}", tag = "caches",
     params(("cacheId" = String, Path, description = "[A-Za-z0-9._-]{1,128}")),

@@ -161,6 +161,11 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/openapi.json", get(openapi))
+        .route("/metrics", get(crate::admin::prometheus))
+        .route("/admin/stats", get(crate::admin::stats))
+        .route("/admin/caches", get(crate::admin::caches))
+        .route("/admin/caches/{cacheId}/evict", post(crate::admin::evict))
+        .route("/admin/compact", post(crate::admin::compact))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(
@@ -190,6 +195,15 @@ pub fn router(state: AppState) -> Router {
                 .on_request(())
                 .on_response(|res: &Response, latency: Duration, span: &Span| {
                     span.record("status", res.status().as_u16());
+                    let route = res
+                        .extensions()
+                        .get::<RouteLabel>()
+                        .map(|r| r.0.clone())
+                        .unwrap_or_else(|| "unmatched".into());
+                    crate::metrics::metrics()
+                        .http_requests
+                        .with_label_values(&[&route, res.status().as_str()])
+                        .inc();
                     span.record("latency_ms", latency.as_secs_f64() * 1000.0);
                     tracing::info!("response");
                 })
@@ -197,6 +211,9 @@ pub fn router(state: AppState) -> Router {
         )
         .with_state(state)
 }
+
+#[derive(Clone)]
+struct RouteLabel(String);
 
 /// The cache id in `/v1/caches/{id}/…`, for log fields.
 fn cache_id_of(path: &str) -> &str {

@@ -6,21 +6,26 @@
 //! derived from it and rebuilt from it at start-up without re-embedding anything.
 
 pub mod chat;
+pub mod evict;
 mod normalize;
 mod recent;
+pub mod stats;
 mod table;
 pub mod verify;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::embed::{EmbedError, Embedder};
 use crate::index::{dot, IndexError, IndexParams, VectorIndex};
+use crate::metrics::metrics;
 use crate::store::{CacheSettings, EntryId, EntryRecord, FeedbackRecord, Store, StoreError};
 
+use evict::Policy;
 pub use normalize::{normalize_prompt, prompt_hash};
 use recent::RecentAnswers;
+use stats::{Reason, Stats, StatsSnapshot};
 use table::{Slot, SlotTable};
 pub use verify::{Rejection, VerifyRules};
 
@@ -57,6 +62,10 @@ pub struct CacheConfig {
     /// brute force instead of a filtered HNSW walk (perfect recall for narrow scopes).
     pub brute_force_limit: usize,
     pub verify: VerifyRules,
+    pub eviction: Policy,
+    /// Server-wide ceilings over all caches together.
+    pub max_entries: Option<u64>,
+    pub max_bytes: Option<u64>,
 }
 
 impl Default for CacheConfig {
@@ -67,6 +76,9 @@ impl Default for CacheConfig {
             index: IndexParams::default(),
             brute_force_limit: 1024,
             verify: VerifyRules::default(),
+            eviction: Policy::Lfu,
+            max_entries: None,
+            max_bytes: None,
         }
     }
 }
@@ -146,6 +158,10 @@ struct CacheState {
     gate: tokio::sync::RwLock<()>,
     current: RwLock<Arc<Generation>>,
     settings: RwLock<CacheSettings>,
+    stats: Stats,
+    /// Held while an entry is made visible and the cache brought back within its
+    /// limits, so the live count never exceeds them, even for a moment.
+    capacity: Mutex<()>,
 }
 
 pub struct CacheService {
@@ -284,6 +300,16 @@ impl CacheService {
         self.store.put_settings(cache_id, &settings)?;
         self.store.flush().await?;
         *state.settings_mut() = settings;
+        // Lowered limits take effect now, not at the next insert.
+        let evicted = {
+            let _gate = state.gate.read().await;
+            let _turn = state.capacity.lock().unwrap_or_else(|p| p.into_inner());
+            self.evict_to_fit(cache_id, &state, &state.generation(), 0)?
+        };
+        if evicted > 0 {
+            self.store.flush().await?;
+            self.publish_gauges(cache_id, &state);
+        }
         Ok(())
     }
 
@@ -319,18 +345,141 @@ impl CacheService {
         self.store.insert(&record, &embedded.vector)?;
         self.store.flush().await?;
         let generation = state.generation();
-        if let Err(e) = register(&generation, &record, &embedded.vector) {
-            // Keep store and index in agreement: an entry we cannot index is not kept.
-            self.store.remove(cache_id, &[record.id])?;
-            return Err(e);
+        let evicted = {
+            let _turn = state.capacity.lock().unwrap_or_else(|p| p.into_inner());
+            // Make room first, so the live count never passes the limits.
+            let incoming = Slot::from_record(&record, embedded.vector.len()).bytes();
+            let evicted = self.evict_to_fit(cache_id, &state, &generation, incoming)?;
+            if let Err(e) = register(&generation, &record, &embedded.vector) {
+                // Keep store and index in agreement: an entry we cannot index is not kept.
+                self.store.remove(cache_id, &[record.id])?;
+                return Err(e);
+            }
+            evicted
+        };
+        state.stats.insert();
+        metrics()
+            .inserts
+            .with_label_values(&[&metrics().cache_label(cache_id)])
+            .inc();
+        if evicted > 0 {
+            // Evictions need not be acknowledged, but the next flush covers them anyway.
+            self.store.flush().await?;
         }
+        self.publish_gauges(cache_id, &state);
         Ok(record.id)
+    }
+
+    /// Evicts entries until the cache and the server are within their limits with room
+    /// for an entry of `incoming` bytes (0: no entry coming); returns how many. Called
+    /// with the cache's capacity lock held.
+    fn evict_to_fit(
+        &self,
+        cache_id: &str,
+        state: &CacheState,
+        generation: &Generation,
+        incoming: u64,
+    ) -> Result<usize, CacheError> {
+        let (max_entries, max_bytes) = {
+            let settings = state.settings();
+            (settings.max_entries, settings.max_bytes)
+        };
+        let global = |f: fn(&SlotTable) -> u64| -> u64 {
+            self.all_states()
+                .iter()
+                .map(|(_, s)| f(&s.generation().read()))
+                .sum()
+        };
+        let adding = u64::from(incoming > 0);
+        let mut evicted = 0;
+        let mut rng = rand::thread_rng();
+        loop {
+            let (live, bytes) = {
+                let t = generation.read();
+                (t.live() as u64, t.live_bytes())
+            };
+            let over = max_entries.is_some_and(|m| live + adding > m)
+                || max_bytes.is_some_and(|m| bytes + incoming > m)
+                || self
+                    .config
+                    .max_entries
+                    .is_some_and(|m| global(|t| t.live() as u64) + adding > m)
+                || self
+                    .config
+                    .max_bytes
+                    .is_some_and(|m| global(SlotTable::live_bytes) + incoming > m);
+            if !over || live == 0 {
+                break;
+            }
+            let Some(victim) = generation.read().victim(self.config.eviction, &mut rng) else {
+                break;
+            };
+            self.store.remove(cache_id, &[victim])?;
+            generation.write().kill_entry(&victim);
+            evicted += 1;
+        }
+        if evicted > 0 {
+            state.stats.evicted(Reason::Capacity, evicted as u64);
+            self.count_evictions(cache_id, Reason::Capacity, evicted);
+        }
+        Ok(evicted)
+    }
+
+    fn all_states(&self) -> Vec<(String, Arc<CacheState>)> {
+        match self.caches.read() {
+            Ok(c) => c.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn count_evictions(&self, cache_id: &str, reason: Reason, n: usize) {
+        let label = metrics().cache_label(cache_id);
+        metrics()
+            .evictions
+            .with_label_values(&[&label, reason.label()])
+            .inc_by(n as u64);
+    }
+
+    fn publish_gauges(&self, cache_id: &str, state: &CacheState) {
+        let (live, bytes, tombstones) = {
+            let generation = state.generation();
+            let t = generation.read();
+            (t.live(), t.live_bytes(), t.tombstones())
+        };
+        let m = metrics();
+        let label = m.cache_label(cache_id);
+        m.entries.with_label_values(&[&label]).set(live as i64);
+        m.bytes.with_label_values(&[&label]).set(bytes as i64);
+        m.tombstones
+            .with_label_values(&[&label])
+            .set(tombstones as i64);
+    }
+
+    /// A cache's counters and sizes; `None` for a cache never used.
+    pub fn stats(&self, cache_id: &str) -> Option<StatsSnapshot> {
+        self.state(cache_id).map(|state| snapshot(&state))
+    }
+
+    /// Every cache with its stats, sorted by id.
+    pub fn list_caches(&self) -> Vec<(String, StatsSnapshot)> {
+        let mut all: Vec<(String, StatsSnapshot)> = self
+            .all_states()
+            .into_iter()
+            .map(|(id, state)| (id, snapshot(&state)))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
     }
 
     /// Exact first (no model run), then semantic through the verifier, as the query's
     /// strategies say.
     pub async fn search(&self, cache_id: &str, query: &Query) -> Result<SearchOutcome, CacheError> {
+        let started = Instant::now();
         let Some(state) = self.state(cache_id) else {
+            metrics()
+                .lookups
+                .with_label_values(&[&metrics().cache_label(cache_id), "miss", "none"])
+                .inc();
             return Ok(SearchOutcome::default());
         };
         let generation = state.generation();
@@ -393,6 +542,38 @@ impl CacheService {
                 recent.remember(cache_id, hit.entry.id, &query.prompt);
             }
         }
+        {
+            let table = generation.read();
+            for slot in &served {
+                table.touch(*slot);
+            }
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let (result, strategy) = match outcome.hits.first() {
+            Some(hit) => {
+                state.stats.hit(hit.strategy == Strategy::Exact);
+                (
+                    "hit",
+                    if hit.strategy == Strategy::Exact {
+                        "exact"
+                    } else {
+                        "semantic"
+                    },
+                )
+            }
+            None => {
+                state.stats.miss();
+                ("miss", "none")
+            }
+        };
+        state.stats.latency(elapsed);
+        let m = metrics();
+        m.lookups
+            .with_label_values(&[&m.cache_label(cache_id), result, strategy])
+            .inc();
+        m.lookup_duration
+            .with_label_values(&[strategy])
+            .observe(elapsed);
         Ok(outcome)
     }
 
@@ -625,6 +806,13 @@ impl CacheService {
             .feedback_of(id)
             .map(|f| (*f).clone())
             .unwrap_or_default();
+        if !correct {
+            state.stats.false_hit();
+            metrics()
+                .false_hit_reports
+                .with_label_values(&[&metrics().cache_label(cache_id)])
+                .inc();
+        }
         let examples = if correct {
             &mut record.confirmed
         } else {
@@ -649,6 +837,9 @@ impl CacheService {
             return Err(CacheError::NotFound);
         }
         self.store.flush().await?;
+        state.stats.evicted(Reason::Deleted, 1);
+        self.count_evictions(cache_id, Reason::Deleted, 1);
+        self.publish_gauges(cache_id, &state);
         Ok(())
     }
 
@@ -662,8 +853,23 @@ impl CacheService {
             return Ok(0);
         };
         let _gate = state.gate.write().await;
+        let removed = self.remove_matching(cache_id, &state, attributes, None, Reason::Deleted)?;
+        self.store.flush().await?;
+        Ok(removed)
+    }
+
+    /// Removes the live entries in scope (and created before `created_before`); the
+    /// caller holds the gate exclusively.
+    fn remove_matching(
+        &self,
+        cache_id: &str,
+        state: &CacheState,
+        attributes: &BTreeMap<String, String>,
+        created_before: Option<u64>,
+        reason: Reason,
+    ) -> Result<usize, CacheError> {
         let generation = state.generation();
-        let ids = generation.read().matching_ids(attributes);
+        let ids = generation.read().matching_ids(attributes, created_before);
         let removed = self.store.remove(cache_id, &ids)?;
         {
             let mut table = generation.write();
@@ -671,8 +877,38 @@ impl CacheService {
                 table.kill_entry(id);
             }
         }
-        self.store.flush().await?;
+        state.stats.evicted(reason, ids.len() as u64);
+        self.count_evictions(cache_id, reason, ids.len());
+        self.publish_gauges(cache_id, state);
         Ok(removed)
+    }
+
+    /// `POST /admin/caches/{id}/evict`: entries older than `older_than_ms` and in scope
+    /// of `attributes`. Returns (matched, evicted); a dry run evicts nothing.
+    pub async fn admin_evict(
+        &self,
+        cache_id: &str,
+        older_than_ms: Option<u64>,
+        attributes: &BTreeMap<String, String>,
+        dry_run: bool,
+    ) -> Result<(usize, usize), CacheError> {
+        let Some(state) = self.state(cache_id) else {
+            return Ok((0, 0));
+        };
+        let created_before = older_than_ms.map(|age| now_ms().saturating_sub(age));
+        let _gate = state.gate.write().await;
+        let matched = state
+            .generation()
+            .read()
+            .matching_ids(attributes, created_before)
+            .len();
+        if dry_run {
+            return Ok((matched, 0));
+        }
+        let evicted =
+            self.remove_matching(cache_id, &state, attributes, created_before, Reason::Admin)?;
+        self.store.flush().await?;
+        Ok((matched, evicted))
     }
 
     /// Empties a cache: store entries removed, index replaced by an empty one.
@@ -684,34 +920,131 @@ impl CacheService {
         let removed = self.store.remove_cache(cache_id)?;
         state.replace(Generation::new(self.dimensions(), &self.config));
         self.store.flush().await?;
+        state.stats.evicted(Reason::Flushed, removed as u64);
+        self.count_evictions(cache_id, Reason::Flushed, removed);
+        self.publish_gauges(cache_id, &state);
         Ok(removed)
     }
 
     /// Removes expired entries from the store and tombstones them; returns how many.
     pub async fn sweep_expired(&self) -> Result<usize, CacheError> {
         let now = now_ms();
-        let states: Vec<(String, Arc<CacheState>)> = match self.caches.read() {
-            Ok(c) => c.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            Err(_) => return Ok(0),
-        };
         let mut total = 0;
-        for (cache_id, state) in states {
-            let generation = state.generation();
-            let expired = generation.read().expired_ids(now);
-            if expired.is_empty() {
+        for (cache_id, state) in self.all_states() {
+            if state.generation().read().expired_ids(now).is_empty() {
                 continue;
             }
+            let _gate = state.gate.write().await;
+            let generation = state.generation();
+            let expired = generation.read().expired_ids(now);
             total += self.store.remove(&cache_id, &expired)?;
-            let mut table = generation.write();
-            for id in &expired {
-                table.kill_entry(id);
+            {
+                let mut table = generation.write();
+                for id in &expired {
+                    table.kill_entry(id);
+                }
             }
+            state.stats.evicted(Reason::Ttl, expired.len() as u64);
+            self.count_evictions(&cache_id, Reason::Ttl, expired.len());
+            self.publish_gauges(&cache_id, &state);
         }
         if total > 0 {
             self.store.flush().await?;
         }
         Ok(total)
     }
+
+    /// Background upkeep: expire entries, and rebuild indexes whose tombstones
+    /// outnumber their live points (and are enough to be worth the work).
+    pub async fn maintain(&self) -> Result<(), CacheError> {
+        let swept = self.sweep_expired().await?;
+        if swept > 0 {
+            tracing::info!(removed = swept, "expired entries swept");
+        }
+        for (cache_id, state) in self.all_states() {
+            let (live, tombstones) = {
+                let generation = state.generation();
+                let t = generation.read();
+                (t.live(), t.tombstones())
+            };
+            if tombstones >= 1024 && tombstones > live {
+                let removed = self.rebuild(&cache_id).await?;
+                tracing::info!(cache = %cache_id, tombstones = removed, "index rebuilt");
+            }
+        }
+        Ok(())
+    }
+
+    /// Rebuilds every cache's index without tombstones; returns tombstones removed.
+    pub async fn compact(&self) -> Result<usize, CacheError> {
+        let mut removed = 0;
+        for (cache_id, _) in self.all_states() {
+            removed += self.rebuild(&cache_id).await?;
+        }
+        self.store.flush().await?;
+        Ok(removed)
+    }
+
+    /// Rebuilds one cache's index from the store and swaps it in atomically; searches
+    /// keep using the old index meanwhile. Returns how many tombstones went away.
+    pub async fn rebuild(&self, cache_id: &str) -> Result<usize, CacheError> {
+        let Some(state) = self.state(cache_id) else {
+            return Ok(0);
+        };
+        let snapshot: Vec<EntryId> = state.generation().read().live_ids();
+        let fresh = Generation::new(self.dimensions(), &self.config);
+        let load = |fresh: &Generation, id: &EntryId| -> Result<(), CacheError> {
+            if let (Some(record), Some(vector)) = (
+                self.store.get(cache_id, id)?,
+                self.store.get_vector(cache_id, id)?,
+            ) {
+                register(fresh, &record, &vector)?;
+            }
+            Ok(())
+        };
+        // The slow part, blocking no one.
+        for id in &snapshot {
+            load(&fresh, id)?;
+        }
+        // Catch up with what changed meanwhile, then swap, with writers held off.
+        let _gate = state.gate.write().await;
+        let old = state.generation();
+        let (now_live, tombstones) = {
+            let t = old.read();
+            (t.live_ids(), t.tombstones())
+        };
+        let now_set: HashSet<EntryId> = now_live.iter().copied().collect();
+        let had: HashSet<EntryId> = snapshot.iter().copied().collect();
+        for id in now_live.iter().filter(|id| !had.contains(id)) {
+            load(&fresh, id)?;
+        }
+        {
+            let mut table = fresh.write();
+            for id in had.iter().filter(|id| !now_set.contains(id)) {
+                table.kill_entry(id);
+            }
+            let old_table = old.read();
+            for id in &now_live {
+                if let Some(f) = old_table.feedback_of(id) {
+                    table.set_feedback(id, f);
+                }
+            }
+        }
+        state.replace(fresh);
+        self.publish_gauges(cache_id, &state);
+        Ok(tombstones)
+    }
+}
+
+fn snapshot(state: &CacheState) -> StatsSnapshot {
+    let generation = state.generation();
+    let table = generation.read();
+    state.stats.snapshot(
+        table.live() as u64,
+        table.live_bytes(),
+        table.tombstones() as u64,
+        generation.index.len() as u64,
+    )
 }
 
 impl CacheState {
@@ -720,6 +1053,8 @@ impl CacheState {
             gate: tokio::sync::RwLock::new(()),
             current: RwLock::new(Arc::new(Generation::new(dimensions, config))),
             settings: RwLock::new(CacheSettings::default()),
+            stats: Stats::default(),
+            capacity: Mutex::new(()),
         }
     }
 
@@ -766,7 +1101,9 @@ fn register(
     record: &EntryRecord,
     vector: &[f32],
 ) -> Result<(), CacheError> {
-    let slot = generation.write().reserve(Slot::from_record(record));
+    let slot = generation
+        .write()
+        .reserve(Slot::from_record(record, vector.len()));
     generation.index.insert(slot, vector)?;
     generation.write().publish(slot);
     Ok(())

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use super::evict::{Policy, Tracker};
 use crate::store::{EntryId, EntryRecord, FeedbackRecord};
 
 pub struct Slot {
@@ -11,13 +12,28 @@ pub struct Slot {
     prompt_hash: String,
     attributes: Arc<BTreeMap<String, String>>,
     expires_at_ms: Option<u64>,
+    created_at_ms: u64,
+    /// What the entry costs: prompt, response, attributes and vector.
+    bytes: u64,
     /// False until indexed, and again once deleted or expired (a tombstone).
     alive: bool,
 }
 
 impl Slot {
-    pub fn from_record(record: &EntryRecord) -> Self {
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    pub fn from_record(record: &EntryRecord, dimensions: usize) -> Self {
+        let attribute_bytes: usize = record
+            .attributes
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum();
         Self {
+            bytes: (record.prompt.len() + record.response.len() + attribute_bytes + dimensions * 4)
+                as u64,
+            created_at_ms: record.created_at_ms,
             id: record.id,
             prompt_hash: record.prompt_hash.clone(),
             attributes: Arc::new(record.attributes.clone()),
@@ -36,11 +52,41 @@ pub struct SlotTable {
     postings: HashMap<(String, String), Vec<usize>>,
     feedback: HashMap<usize, Arc<FeedbackRecord>>,
     live: usize,
+    live_bytes: u64,
+    usage: Tracker,
 }
 
 impl SlotTable {
     pub fn live(&self) -> usize {
         self.live
+    }
+
+    pub fn live_bytes(&self) -> u64 {
+        self.live_bytes
+    }
+
+    /// Points in the index that no longer answer (deleted, expired, evicted).
+    pub fn tombstones(&self) -> usize {
+        self.slots.len() - self.live
+    }
+
+    /// Records that a slot answered a lookup (for eviction).
+    pub fn touch(&self, n: usize) {
+        self.usage.touch(n);
+    }
+
+    /// The entry capacity eviction should drop next.
+    pub fn victim(&self, policy: Policy, rng: &mut impl rand::Rng) -> Option<EntryId> {
+        self.usage.victim(policy, rng).map(|n| self.slots[n].id)
+    }
+
+    /// Ids of every live entry.
+    pub fn live_ids(&self) -> Vec<EntryId> {
+        self.slots
+            .iter()
+            .filter(|s| s.alive)
+            .map(|s| s.id)
+            .collect()
     }
 
     /// Takes a slot number for an entry that is not visible yet.
@@ -56,6 +102,8 @@ impl SlotTable {
         };
         slot.alive = true;
         self.live += 1;
+        self.live_bytes += slot.bytes;
+        self.usage.admit(n);
         self.by_id.insert(slot.id, n);
         self.by_hash
             .entry(slot.prompt_hash.clone())
@@ -74,10 +122,12 @@ impl SlotTable {
             return;
         };
         self.feedback.remove(&n);
+        self.usage.remove(n);
         let slot = &mut self.slots[n];
         if slot.alive {
             slot.alive = false;
             self.live -= 1;
+            self.live_bytes -= slot.bytes;
         }
         if let Some(list) = self.by_hash.get_mut(&slot.prompt_hash) {
             list.retain(|s| *s != n);
@@ -158,8 +208,13 @@ impl SlotTable {
         Some(shortest.to_vec())
     }
 
-    /// Ids of alive entries carrying every attribute of `scope` (expired ones included).
-    pub fn matching_ids(&self, scope: &BTreeMap<String, String>) -> Vec<EntryId> {
+    /// Ids of alive entries carrying every attribute of `scope` (expired ones included)
+    /// and, with `created_before`, created before that time.
+    pub fn matching_ids(
+        &self,
+        scope: &BTreeMap<String, String>,
+        created_before: Option<u64>,
+    ) -> Vec<EntryId> {
         let candidates: Vec<usize> = match self.scope_candidates(scope) {
             Some(list) => list,
             None => (0..self.slots.len()).collect(),
@@ -167,6 +222,7 @@ impl SlotTable {
         candidates
             .into_iter()
             .filter(|n| self.visible(*n, scope, 0))
+            .filter(|n| created_before.is_none_or(|t| self.slots[*n].created_at_ms < t))
             .map(|n| self.slots[n].id)
             .collect()
     }

@@ -197,6 +197,9 @@ fn inference_loop(
     options: QueueOptions,
 ) {
     while let Some(first) = rx.blocking_recv() {
+        crate::metrics::metrics()
+            .embed_queue_depth
+            .set(rx.len() as i64 + 1);
         let mut jobs = vec![first];
         while jobs.len() < options.max_batch * 4 {
             match rx.try_recv() {
@@ -243,7 +246,11 @@ fn batch_len(sorted: &[(Job, TokenizedText)], options: QueueOptions) -> usize {
 
 fn run_batch(backend: &BertBackend, batch: &mut [(Job, TokenizedText)]) {
     let inputs: Vec<&TokenizedText> = batch.iter().map(|(_, t)| t).collect();
+    let started = std::time::Instant::now();
     let result = backend.embed(&inputs);
+    let m = crate::metrics::metrics();
+    m.embed_batch_size.observe(inputs.len() as f64);
+    m.embed_duration.observe(started.elapsed().as_secs_f64());
     let replies = batch.iter_mut().map(|(job, tokens)| {
         let (reply, _) = oneshot::channel();
         (

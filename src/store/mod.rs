@@ -11,6 +11,7 @@ mod migrate;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -373,20 +374,37 @@ impl Store {
     }
 }
 
+type Waiter = tokio::sync::oneshot::Sender<Result<(), String>>;
+
 /// Group commit on one thread. sled 0.34's `flush_async` deadlocks when many tasks
 /// flush at once (seen here under 64 concurrent inserts), so every waiter hands a reply
 /// channel to this thread; each `flush()` it runs covers every write made before the
 /// waiters it then answers had enqueued.
 #[derive(Clone)]
 struct GroupCommit {
-    tx: std::sync::mpsc::Sender<tokio::sync::oneshot::Sender<Result<(), String>>>,
+    thread: Arc<CommitThread>,
+}
+
+/// Owns the commit thread: dropping the last `Store` stops and joins it, so the
+/// database (and its file lock) is released before `drop` returns.
+struct CommitThread {
+    tx: Option<std::sync::mpsc::Sender<Waiter>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for CommitThread {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
 }
 
 impl GroupCommit {
     fn start(db: sled::Db) -> Result<Self, StoreError> {
-        let (tx, rx) =
-            std::sync::mpsc::channel::<tokio::sync::oneshot::Sender<Result<(), String>>>();
-        std::thread::Builder::new()
+        let (tx, rx) = std::sync::mpsc::channel::<Waiter>();
+        let handle = std::thread::Builder::new()
             .name("semcache-commit".into())
             .spawn(move || {
                 while let Ok(first) = rx.recv() {
@@ -398,19 +416,28 @@ impl GroupCommit {
                     }
                 }
             })?;
-        Ok(Self { tx })
+        Ok(Self {
+            thread: Arc::new(CommitThread {
+                tx: Some(tx),
+                handle: Some(handle),
+            }),
+        })
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
+        let stopped = || StoreError::Sled("the commit thread has stopped".into());
         let (reply, done) = tokio::sync::oneshot::channel();
-        self.tx
+        self.thread
+            .tx
+            .as_ref()
+            .ok_or_else(stopped)?
             .send(reply)
-            .map_err(|_| StoreError::Sled("the commit thread has stopped".into()))?;
+            .map_err(|_| stopped())?;
         match done.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) if e.contains("No space left") => Err(StoreError::DiskFull),
             Ok(Err(e)) => Err(StoreError::Sled(e)),
-            Err(_) => Err(StoreError::Sled("the commit thread has stopped".into())),
+            Err(_) => Err(stopped()),
         }
     }
 }
