@@ -92,6 +92,19 @@ pub struct ServeArgs {
     /// Compute device for embeddings: auto uses CUDA when built with it and a GPU is present.
     #[arg(long, env = "SEMCACHE_DEVICE", value_enum, default_value = "auto")]
     pub device: DeviceChoice,
+    /// API keys file: a JSON array of {"key" or "keySha256", "role": reader|writer|admin, "caches"?: [...]}.
+    #[arg(long, env = "SEMCACHE_API_KEYS_FILE", value_name = "PATH")]
+    pub api_keys: Option<PathBuf>,
+    /// Allow listening on a non-loopback address without API keys.
+    #[arg(long, env = "SEMCACHE_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+    /// Longest a request may take before it is answered 503, in milliseconds.
+    #[arg(
+        long,
+        env = "SEMCACHE_REQUEST_TIMEOUT_MILLIS",
+        default_value_t = 30_000
+    )]
+    pub request_timeout_millis: u64,
     /// Log line format.
     #[arg(long, env = "SEMCACHE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -144,6 +157,7 @@ impl ServeArgs {
             max_body_bytes: self.max_body_bytes,
             max_prompt_bytes: self.max_prompt_bytes,
             max_response_bytes: self.max_response_bytes,
+            request_timeout: std::time::Duration::from_millis(self.request_timeout_millis.max(1)),
             ..Limits::default()
         }
     }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 
+use crate::api::auth::KeyRing;
 use crate::api::{self, AppState};
 use crate::cache::CacheService;
 use crate::config::ServeArgs;
@@ -16,6 +17,16 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // The store opens first so a locked or newer-format data dir fails fast and clearly.
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create data dir {}", args.data_dir.display()))?;
+    let keys = KeyRing::load(args.api_keys.as_deref())?;
+    if !keys.enabled() {
+        if !args.addr.ip().is_loopback() && !args.insecure_no_auth {
+            anyhow::bail!(
+                "refusing to listen on {} without API keys: give --api-keys PATH, or --insecure-no-auth if something else guards this port",
+                args.addr
+            );
+        }
+        tracing::warn!("no API keys configured: every client may read and write every cache");
+    }
     let store = Store::open(&args.data_dir)?;
     let state = AppState::new(args.limits());
     let listener = TcpListener::bind(args.addr)
@@ -67,7 +78,27 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         })
     };
 
-    axum::serve(listener, api::router(state.clone()))
+    #[cfg(unix)]
+    {
+        let keys = keys.clone();
+        tokio::spawn(async move {
+            let Ok(mut hup) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            else {
+                return;
+            };
+            while hup.recv().await.is_some() {
+                match keys.reload() {
+                    Ok(n) => tracing::info!(keys = n, "API keys reloaded"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "API key reload failed; the previous keys stay in force")
+                    }
+                }
+            }
+        });
+    }
+
+    axum::serve(listener, api::router(state.clone(), keys))
         .with_graceful_shutdown(stop)
         .await
         .context("server failed")?;

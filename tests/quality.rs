@@ -429,6 +429,12 @@ fn chat_routes_scope_by_conversation_model_and_parameters() {
         cached["choices"][0]["message"]["content"],
         "About 2.1 million."
     );
+    // A plain search never sees a chat entry: its answer depends on the conversation.
+    let plain = s.search(
+        "chat",
+        json!({"prompt": "How many people live there?", "similarityThreshold": 0.0}),
+    );
+    assert!(plain.is_empty(), "{plain:?}");
     // A paraphrase of the last message in the same conversation hits.
     assert_eq!(
         found(&convo("Paris", "How many people live there?  ")).len(),

@@ -2,6 +2,7 @@
 //!
 //! Handlers stay thin: parse and validate, call the cache core, shape the response.
 
+pub mod auth;
 pub mod caches;
 pub mod chat;
 pub mod embeddings;
@@ -38,6 +39,8 @@ pub struct Limits {
     pub max_results: usize,
     pub max_ttl_ms: u64,
     pub max_embedding_inputs: usize,
+    /// Longest a request may take before it is answered 503.
+    pub request_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -51,6 +54,7 @@ impl Default for Limits {
             max_results: 100,
             max_ttl_ms: 365 * 24 * 3600 * 1000,
             max_embedding_inputs: 256,
+            request_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -134,8 +138,9 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
 }
 
-pub fn router(state: AppState) -> Router {
+pub fn router(state: AppState, keys: auth::KeyRing) -> Router {
     let body_limit = state.limits().max_body_bytes;
+    let timeout = state.limits().request_timeout;
     Router::new()
         .route("/v1/caches/{cacheId}/entries/search", post(entries::search))
         .route(
@@ -166,6 +171,19 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/caches", get(crate::admin::caches))
         .route("/admin/caches/{cacheId}/evict", post(crate::admin::evict))
         .route("/admin/compact", post(crate::admin::compact))
+        .route_layer(middleware::from_fn_with_state(keys, auth::authorize))
+        .route_layer(middleware::from_fn(
+            move |req: Request, next: Next| async move {
+                match tokio::time::timeout(timeout, next.run(req)).await {
+                    Ok(response) => response,
+                    Err(_) => ApiError::Unavailable {
+                        detail: format!("the request took longer than {} ms", timeout.as_millis()),
+                        retry_after_s: 1,
+                    }
+                    .into_response(),
+                }
+            },
+        ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(

@@ -7,6 +7,9 @@ use std::sync::Arc;
 use super::evict::{Policy, Tracker};
 use crate::store::{EntryId, EntryRecord, FeedbackRecord};
 
+/// Attribute names the service sets itself; clients cannot.
+pub const RESERVED_PREFIX: &str = "semcache.";
+
 pub struct Slot {
     id: EntryId,
     prompt_hash: String,
@@ -167,6 +170,13 @@ impl SlotTable {
         slot.alive
             && slot.expires_at_ms.is_none_or(|t| t > now)
             && scope.iter().all(|(k, v)| slot.attributes.get(k) == Some(v))
+            // Entries scoped by the service itself (chat fingerprints) answer only
+            // lookups in that same scope, never a plain search that omits it.
+            && slot
+                .attributes
+                .iter()
+                .filter(|(k, _)| k.starts_with(RESERVED_PREFIX))
+                .all(|(k, v)| scope.get(k) == Some(v))
     }
 
     /// Visible slots whose normalised prompt hashes to `hash`, newest first.
