@@ -480,6 +480,15 @@ fn openapi_document_lists_the_routes() {
         "/v1/embeddings",
         "/healthz",
         "/readyz",
+        "/v1/caches/{cacheId}/chat/search",
+        "/v1/caches/{cacheId}/chat/entries",
+        "/v1/caches/{cacheId}",
+        "/v1/caches/{cacheId}/entries/{entryId}/feedback",
+        "/admin/stats",
+        "/admin/caches",
+        "/admin/caches/{cacheId}/evict",
+        "/admin/compact",
+        "/metrics",
     ] {
         assert!(doc["paths"][path].is_object(), "{path} missing");
     }
