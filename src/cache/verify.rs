@@ -235,6 +235,9 @@ fn next_is_digit(text: &str, i: usize) -> bool {
         .is_some_and(|c| c.is_ascii_digit())
 }
 
+/// Prompts with more distinct words than this are not checked for negation.
+const MAX_NEGATION_WORDS: usize = 24;
+
 /// Rule settings. Defaults are the documented operating point.
 #[derive(Debug, Clone, Copy)]
 pub struct VerifyRules {
@@ -266,7 +269,10 @@ pub fn check(rules: &VerifyRules, query: &Signature, entry: &Signature) -> Resul
     if query.overlap(entry) < rules.edit_overlap {
         return Ok(());
     }
-    if query.negations != entry.negations {
+    // Long passages reword negations freely ("without streaming", "in non-streaming
+    // mode"); a flipped question or request is short.
+    let short = query.words.len().max(entry.words.len()) <= MAX_NEGATION_WORDS;
+    if short && query.negations != entry.negations {
         return Err(Rejection::NegationDiffers {
             query: query.negations,
             entry: entry.negations,
