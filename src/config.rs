@@ -117,6 +117,9 @@ pub struct ServeArgs {
     /// How often expired entries are removed from disk, in milliseconds.
     #[arg(long, env = "SEMCACHE_SWEEP_INTERVAL_MILLIS", default_value_t = 30_000)]
     pub sweep_interval_millis: u64,
+    /// Free disk space kept in reserve: inserts get 507 while the data dir's filesystem has less.
+    #[arg(long, env = "SEMCACHE_MIN_FREE_DISK_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub min_free_disk_bytes: u64,
     /// Largest request body accepted (413 beyond).
     #[arg(long, env = "SEMCACHE_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,

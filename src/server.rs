@@ -27,7 +27,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         tracing::warn!("no API keys configured: every client may read and write every cache");
     }
-    let store = Store::open(&args.data_dir)?;
+    let store = Store::open_with_reserve(&args.data_dir, args.min_free_disk_bytes)?;
     let state = AppState::new(args.limits());
     let listener = TcpListener::bind(args.addr)
         .await

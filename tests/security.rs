@@ -464,3 +464,70 @@ fn acknowledged_writes_survive_twenty_sigkills() {
     );
     assert!(acknowledged.len() >= 20);
 }
+
+/// Unmounts the small filesystem when the test ends, however it ends.
+struct Mount(std::path::PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_answers_507_and_inserts_resume_when_space_returns() {
+    // Needs a small filesystem of its own; CI runs as root and can mount one.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let fs = tmp.path().join("fs");
+    std::fs::create_dir_all(&fs).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=48m", "tmpfs"])
+        .arg(&fs)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "cannot mount a tmpfs");
+    let _mount = Mount(fs.clone());
+    let ballast = fs.join("ballast");
+    std::fs::write(&ballast, vec![0u8; 16 * 1024 * 1024]).unwrap();
+    {
+        let s = Server::start_in(&fs.join("data"), &["--min-free-disk-bytes", "8388608"]);
+        let response = "x".repeat(300_000);
+        let mut stored = 0;
+        let full = loop {
+            let r = s.post(
+                "/v1/caches/c/entries",
+                &json!({"prompt": format!("entry {stored}"), "response": response}),
+            );
+            if r.status() != 201 {
+                break r;
+            }
+            stored += 1;
+            assert!(stored < 200, "the disk never filled");
+        };
+        assert_eq!(full.status(), 507);
+        assert_eq!(full.headers()["content-type"], "application/problem+json");
+        s.assert_healthy();
+        assert_eq!(
+            s.search("c", json!({"prompt": "entry 0"})).len(),
+            1,
+            "stored entries still answer"
+        );
+        // Space returns: inserts work again, without a restart.
+        std::fs::remove_file(&ballast).unwrap();
+        let r = s.post(
+            "/v1/caches/c/entries",
+            &json!({"prompt": "after the disk was freed", "response": "ok"}),
+        );
+        assert_eq!(r.status(), 201, "{}", r.text().unwrap());
+        assert_eq!(
+            s.search("c", json!({"prompt": "after the disk was freed"}))
+                .len(),
+            1
+        );
+        eprintln!("disk full after {stored} inserts: 507, then 201 once space returned");
+    }
+}

@@ -132,6 +132,20 @@ pub struct Considered {
     pub rejected: Option<Rejection>,
 }
 
+impl Considered {
+    /// A semantic candidate the lookup did not serve, and why.
+    fn rejected(entry: EntryRecord, similarity: f32, rejected: Rejection) -> Self {
+        Self {
+            id: entry.id.to_string(),
+            prompt: entry.prompt,
+            similarity: similarity.clamp(0.0, 1.0),
+            strategy: Strategy::Semantic,
+            served: false,
+            rejected: Some(rejected),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct SearchOutcome {
     pub hits: Vec<Hit>,
@@ -696,14 +710,9 @@ impl CacheService {
                 }
                 Some(rejected) => {
                     if query.explain {
-                        outcome.considered.push(Considered {
-                            id: entry.id.to_string(),
-                            prompt: entry.prompt,
-                            similarity: similarity.clamp(0.0, 1.0),
-                            strategy: Strategy::Semantic,
-                            served: false,
-                            rejected: Some(rejected),
-                        });
+                        outcome
+                            .considered
+                            .push(Considered::rejected(entry, similarity, rejected));
                     }
                     // When the nearest prompt is a near-identical edit that differs in a
                     // number, a name or a negation, the query asks something the cache
@@ -728,14 +737,9 @@ impl CacheService {
         outcome: &mut SearchOutcome,
     ) -> Result<(), CacheError> {
         if let Some(entry) = self.entry_at(cache_id, generation, slot)? {
-            outcome.considered.push(Considered {
-                id: entry.id.to_string(),
-                prompt: entry.prompt,
-                similarity: similarity.clamp(0.0, 1.0),
-                strategy: Strategy::Semantic,
-                served: false,
-                rejected: Some(rejected),
-            });
+            outcome
+                .considered
+                .push(Considered::rejected(entry, similarity, rejected));
         }
         Ok(())
     }

@@ -171,6 +171,9 @@ pub struct CacheSettings {
 
 #[derive(Clone)]
 pub struct Store {
+    /// Inserts are refused (DiskFull) while the data dir's filesystem has less free.
+    min_free_bytes: u64,
+    path: std::path::PathBuf,
     db: sled::Db,
     commits: GroupCommit,
     entries: sled::Tree,
@@ -182,6 +185,14 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the store and brings its format up to date.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with_reserve(path, 0)
+    }
+
+    /// Like [`Store::open`], refusing inserts while the filesystem has less than
+    /// `min_free_bytes` free. sled 0.34 does not recover from ENOSPC in place (its
+    /// flushes hang), so the reserve keeps it from ever meeting a full disk; inserts
+    /// succeed again as soon as space returns.
+    pub fn open_with_reserve(path: &Path, min_free_bytes: u64) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(path)
             .mode(sled::Mode::HighThroughput)
@@ -197,6 +208,8 @@ impl Store {
             })?;
         migrate::upgrade(&db)?;
         Ok(Self {
+            min_free_bytes,
+            path: path.to_path_buf(),
             commits: GroupCommit::start(db.clone())?,
             entries: db.open_tree("entries")?,
             vectors: db.open_tree("vectors")?,
@@ -208,6 +221,7 @@ impl Store {
 
     /// Writes an entry and its vector atomically. Not yet durable: see [`Store::flush`].
     pub fn insert(&self, record: &EntryRecord, vector: &[f32]) -> Result<(), StoreError> {
+        self.check_room()?;
         let key = entry_key(&record.cache_id, &record.id);
         let value = serde_json::to_vec(record).map_err(|e| StoreError::Corrupt {
             key: record.id.to_string(),
@@ -219,6 +233,15 @@ impl Store {
             vectors.insert(key.as_slice(), vector.as_slice())?;
             Ok::<_, ConflictableTransactionError<StoreError>>(())
         })?;
+        Ok(())
+    }
+
+    fn check_room(&self) -> Result<(), StoreError> {
+        if self.min_free_bytes > 0
+            && free_bytes(&self.path).is_some_and(|free| free < self.min_free_bytes)
+        {
+            return Err(StoreError::DiskFull);
+        }
         Ok(())
     }
 
@@ -440,6 +463,17 @@ impl GroupCommit {
             Err(_) => Err(stopped()),
         }
     }
+}
+
+/// Bytes available to unprivileged writers on the filesystem holding `path`.
+fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid NUL-terminated path and a properly sized out-parameter.
+    let rc = unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) };
+    #[allow(clippy::useless_conversion)] // c_ulong is u64 here, u32 on 32-bit targets
+    (rc == 0).then(|| u64::from(stat.f_bavail).saturating_mul(u64::from(stat.f_frsize)))
 }
 
 fn decode_entry(key: &[u8], bytes: &[u8]) -> Result<EntryRecord, StoreError> {
