@@ -38,7 +38,6 @@ fn fill(dir: &Path, entries: usize) {
             attributes: BTreeMap::from([("tenant".to_string(), format!("t{}", i % 50))]),
             created_at_ms: 1,
             expires_at_ms: None,
-            hits: 0,
             window_end: None,
         };
         store.insert(&record, &v).expect("insert");

@@ -353,7 +353,6 @@ impl CacheService {
             attributes: new.attributes,
             created_at_ms: now,
             expires_at_ms: ttl.map(|t| now.saturating_add(t)),
-            hits: 0,
         };
         let _gate = state.gate.read().await;
         self.store.insert(&record, &embedded.vector)?;

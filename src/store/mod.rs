@@ -99,8 +99,6 @@ pub struct EntryRecord {
     pub attributes: BTreeMap<String, String>,
     pub created_at_ms: u64,
     pub expires_at_ms: Option<u64>,
-    #[serde(default)]
-    pub hits: u64,
     /// For prompts longer than the model's window: the byte offset where the part
     /// the model cannot see begins, so two long prompts that differ only there never
     /// match semantically.
@@ -180,6 +178,7 @@ pub struct Store {
     vectors: sled::Tree,
     feedback: sled::Tree,
     settings: sled::Tree,
+    hits: sled::Tree,
 }
 
 impl Store {
@@ -215,6 +214,7 @@ impl Store {
             vectors: db.open_tree("vectors")?,
             feedback: db.open_tree("feedback")?,
             settings: db.open_tree("settings")?,
+            hits: db.open_tree("hits")?,
             db,
         })
     }
@@ -269,8 +269,8 @@ impl Store {
     /// Removes entries; returns how many existed.
     pub fn remove(&self, cache_id: &str, ids: &[EntryId]) -> Result<usize, StoreError> {
         let keys: Vec<Vec<u8>> = ids.iter().map(|id| entry_key(cache_id, id)).collect();
-        let trees = (&self.entries, &self.vectors, &self.feedback);
-        let removed = trees.transaction(|(entries, vectors, feedback)| {
+        let trees = (&self.entries, &self.vectors, &self.feedback, &self.hits);
+        let removed = trees.transaction(|(entries, vectors, feedback, hits)| {
             let mut removed = 0;
             for key in &keys {
                 if entries.remove(key.as_slice())?.is_some() {
@@ -278,6 +278,7 @@ impl Store {
                 }
                 vectors.remove(key.as_slice())?;
                 feedback.remove(key.as_slice())?;
+                hits.remove(key.as_slice())?;
             }
             Ok::<_, ConflictableTransactionError<StoreError>>(removed)
         })?;
@@ -293,6 +294,7 @@ impl Store {
             self.entries.remove(&key)?;
             self.vectors.remove(&key)?;
             self.feedback.remove(&key)?;
+            self.hits.remove(&key)?;
             removed += 1;
         }
         Ok(removed)
@@ -370,16 +372,27 @@ impl Store {
         })
     }
 
-    /// Increments an entry's persisted hit counter (best effort: flushed with the next flush).
+    /// Increments an entry's persisted hit counter, kept in its own small tree so a hit
+    /// never rewrites the (possibly large) record. Best effort: durable with the next flush.
     pub fn record_hit(&self, cache_id: &str, id: &EntryId) -> Result<(), StoreError> {
         let key = entry_key(cache_id, id);
-        self.entries.fetch_and_update(&key, |old| {
-            let old = old?;
-            let mut record: EntryRecord = serde_json::from_slice(old).ok()?;
-            record.hits += 1;
-            serde_json::to_vec(&record).ok()
+        self.hits.update_and_fetch(&key, |old| {
+            let n = old
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            Some((n + 1).to_be_bytes().to_vec())
         })?;
         Ok(())
+    }
+
+    /// How many lookups an entry has answered.
+    pub fn hits(&self, cache_id: &str, id: &EntryId) -> Result<u64, StoreError> {
+        let value = self.hits.get(entry_key(cache_id, id))?;
+        Ok(value
+            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0))
     }
 
     /// Makes every write so far durable (fsync). Concurrent callers share one flush.
@@ -497,7 +510,6 @@ mod tests {
             attributes: BTreeMap::new(),
             created_at_ms: 1,
             expires_at_ms: None,
-            hits: 0,
             window_end: None,
         }
     }
@@ -517,7 +529,7 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let got = store.get("c1", &a.id).unwrap().unwrap();
         assert_eq!(got.prompt, "hello");
-        assert_eq!(got.hits, 1);
+        assert_eq!(store.hits("c1", &a.id).unwrap(), 1);
         assert_eq!(
             store.get_vector("c1", &a.id).unwrap().unwrap(),
             vec![0.5, -1.0]
