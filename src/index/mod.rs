@@ -140,19 +140,32 @@ impl VectorIndex {
             return Ok(Vec::new());
         }
         let ef = self.params.ef_search.max(k);
+        let to_neighbours = |found: Vec<hnsw_rs::prelude::Neighbour>| -> Vec<Neighbour> {
+            found
+                .into_iter()
+                .filter(|n| keep(n.d_id))
+                .map(|n| Neighbour {
+                    slot: n.d_id,
+                    similarity: 1.0 - n.distance,
+                })
+                .collect()
+        };
+        // hnsw_rs's filtered walk costs about three times a plain one (measured on
+        // clustered 384-d vectors), so try the plain walk first and filter afterwards;
+        // only when that leaves too few results walk again with the filter.
+        let plain = catch_unwind(AssertUnwindSafe(|| self.hnsw.search(query, k, ef)))
+            .map_err(|p| IndexError::Internal(panic_text(p)))?;
+        let returned = plain.len();
+        let kept = to_neighbours(plain);
+        if kept.len() >= k || returned < k {
+            return Ok(kept);
+        }
         let filter = |id: &usize| keep(*id);
         let found = catch_unwind(AssertUnwindSafe(|| {
             self.hnsw.search_filter(query, k, ef, Some(&filter))
         }))
         .map_err(|p| IndexError::Internal(panic_text(p)))?;
-        Ok(found
-            .into_iter()
-            .filter(|n| keep(n.d_id))
-            .map(|n| Neighbour {
-                slot: n.d_id,
-                similarity: 1.0 - n.distance,
-            })
-            .collect())
+        Ok(to_neighbours(found))
     }
 }
 
