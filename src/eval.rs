@@ -283,11 +283,6 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         );
     }
     // Which rule rejected the nearest candidate, and whether the labels agree.
-    let default_index = thresholds
-        .iter()
-        .position(|t| (t - default_threshold).abs() < 1e-6)
-        .unwrap_or(0);
-    let _ = default_index;
     let mut by_rule: BTreeMap<&str, (usize, usize, usize)> = BTreeMap::new();
     for (query, obs) in task.queries.iter().zip(&observed) {
         if let (Some(rule), Some((entry, sim))) = (obs.nearest_rejected_by, &obs.nearest) {

@@ -396,6 +396,21 @@ fn slow_requests_time_out_with_a_problem() {
     assert_eq!(r.headers()["content-type"], "application/problem+json");
 }
 
+/// Every acknowledged (prompt, id) is served by an exact lookup.
+fn assert_all_served(s: &Server, acknowledged: &[(String, String)], when: &str) {
+    for (prompt, id) in acknowledged {
+        let hits = s.search(
+            "crash",
+            json!({"prompt": prompt, "searchStrategies": ["exact"]}),
+        );
+        assert_eq!(
+            hits.first().map(|h| h["id"].clone()),
+            Some(json!(id)),
+            "{when}: lost {prompt}"
+        );
+    }
+}
+
 #[test]
 fn acknowledged_writes_survive_twenty_sigkills() {
     let tmp = tempfile::tempdir().unwrap();
@@ -405,17 +420,7 @@ fn acknowledged_writes_survive_twenty_sigkills() {
     for round in 0..20 {
         let s = Server::start_in(&dir, &[]);
         // Everything acknowledged so far is there.
-        for (prompt, id) in &acknowledged {
-            let hits = s.search(
-                "crash",
-                json!({"prompt": prompt, "searchStrategies": ["exact"]}),
-            );
-            assert_eq!(
-                hits.first().map(|h| h["id"].clone()),
-                Some(json!(id)),
-                "round {round}: lost {prompt}"
-            );
-        }
+        assert_all_served(&s, &acknowledged, &format!("round {round}"));
         let acked = Mutex::new(Vec::new());
         let kill_after = Duration::from_millis(rng.gen_range(30..400));
         std::thread::scope(|scope| {
@@ -447,17 +452,7 @@ fn acknowledged_writes_survive_twenty_sigkills() {
         acknowledged.extend(acked.into_inner().unwrap());
     }
     let s = Server::start_in(&dir, &[]);
-    for (prompt, id) in &acknowledged {
-        let hits = s.search(
-            "crash",
-            json!({"prompt": prompt, "searchStrategies": ["exact"]}),
-        );
-        assert_eq!(
-            hits.first().map(|h| h["id"].clone()),
-            Some(json!(id)),
-            "lost {prompt}"
-        );
-    }
+    assert_all_served(&s, &acknowledged, "after the last round");
     eprintln!(
         "20 SIGKILL rounds: {} acknowledged inserts, all served after restart",
         acknowledged.len()

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use super::entries::{search_response, SearchQueryParams, SetResponse};
+use super::entries::{search_response, Checks, SearchQueryParams, SetResponse};
 use super::extract::{CacheId, JsonBody};
 use super::problem::{ApiError, Problem};
 use super::AppState;
@@ -118,32 +118,16 @@ pub async fn insert(
     let key = chat::key(&body.request, core.settings(&cache_id).allow_sampled).map_err(refused)?;
     chat::check_response(&body.response).map_err(refused)?;
     let response = body.response.to_string();
-    if key.prompt.len() > limits.max_prompt_bytes {
-        return Err(ApiError::field(
-            "request.messages",
-            "maxLength",
-            format!(
-                "the last user message is over {} bytes",
-                limits.max_prompt_bytes
-            ),
-        ));
-    }
-    if response.len() > limits.max_response_bytes {
-        return Err(ApiError::field(
-            "response",
-            "maxLength",
-            format!("the response is over {} bytes", limits.max_response_bytes),
-        ));
-    }
-    if let Some(ttl) = body.ttl_millis {
-        if ttl < 1 || ttl as u64 > limits.max_ttl_ms {
-            return Err(ApiError::field(
-                "ttlMillis",
-                "range",
-                format!("ttlMillis must be between 1 and {}", limits.max_ttl_ms),
-            ));
-        }
-    }
+    let mut checks = Checks::default();
+    checks.text(
+        "request.messages",
+        &key.prompt,
+        limits.max_prompt_bytes,
+        false,
+    );
+    checks.text("response", &response, limits.max_response_bytes, false);
+    checks.ttl(body.ttl_millis, limits);
+    checks.finish()?;
     let id = core
         .insert(
             &cache_id,

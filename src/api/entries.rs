@@ -91,14 +91,19 @@ pub struct DeleteQueryResponse {
 
 /// Collects every field error instead of stopping at the first.
 #[derive(Default)]
-struct Checks(Vec<FieldError>);
+pub(super) struct Checks(Vec<FieldError>);
 
 impl Checks {
-    fn fail(&mut self, field: impl Into<String>, rule: &str, message: impl Into<String>) {
+    pub(super) fn fail(
+        &mut self,
+        field: impl Into<String>,
+        rule: &str,
+        message: impl Into<String>,
+    ) {
         self.0.push(FieldError::new(field, rule, message));
     }
 
-    fn text(&mut self, field: &str, value: &str, max: usize, allow_empty: bool) {
+    pub(super) fn text(&mut self, field: &str, value: &str, max: usize, allow_empty: bool) {
         if !allow_empty && value.trim().is_empty() {
             self.fail(field, "notEmpty", format!("{field} must not be empty"));
         }
@@ -111,7 +116,7 @@ impl Checks {
         }
     }
 
-    fn attributes(&mut self, attributes: &BTreeMap<String, String>, limits: &Limits) {
+    pub(super) fn attributes(&mut self, attributes: &BTreeMap<String, String>, limits: &Limits) {
         if attributes.len() > limits.max_attributes {
             self.fail(
                 "attributes",
@@ -151,7 +156,18 @@ impl Checks {
         }
     }
 
-    fn finish(self) -> Result<(), ApiError> {
+    /// `ttlMillis`, when given, between 1 ms and the limit.
+    pub(super) fn ttl(&mut self, ttl: Option<i64>, limits: &Limits) {
+        if ttl.is_some_and(|t| t < 1 || t as u64 > limits.max_ttl_ms) {
+            self.fail(
+                "ttlMillis",
+                "range",
+                format!("ttlMillis must be between 1 and {}", limits.max_ttl_ms),
+            );
+        }
+    }
+
+    pub(super) fn finish(self) -> Result<(), ApiError> {
         if self.0.is_empty() {
             Ok(())
         } else {
@@ -228,15 +244,7 @@ impl SetRequest {
         let mut checks = Checks::default();
         checks.text("prompt", &self.prompt, limits.max_prompt_bytes, false);
         checks.text("response", &self.response, limits.max_response_bytes, true);
-        if let Some(ttl) = self.ttl_millis {
-            if ttl < 1 || ttl as u64 > limits.max_ttl_ms {
-                checks.fail(
-                    "ttlMillis",
-                    "range",
-                    format!("ttlMillis must be between 1 and {}", limits.max_ttl_ms),
-                );
-            }
-        }
+        checks.ttl(self.ttl_millis, limits);
         let attributes = self.attributes.unwrap_or_default();
         checks.attributes(&attributes, limits);
         checks.finish()?;

@@ -361,7 +361,7 @@ impl CacheService {
         let evicted = {
             let _turn = state.capacity.lock().unwrap_or_else(|p| p.into_inner());
             // Make room first, so the live count never passes the limits.
-            let incoming = Slot::from_record(&record, embedded.vector.len()).bytes();
+            let incoming = table::entry_bytes(&record, embedded.vector.len());
             let evicted = self.evict_to_fit(cache_id, &state, &generation, incoming)?;
             if let Err(e) = register(&generation, &record, &embedded.vector) {
                 // Keep store and index in agreement: an entry we cannot index is not kept.

@@ -7,6 +7,16 @@ use std::sync::Arc;
 use super::evict::{Policy, Tracker};
 use crate::store::{EntryId, EntryRecord, FeedbackRecord};
 
+/// What an entry costs in memory accounting: prompt, response, attributes and vector.
+pub fn entry_bytes(record: &EntryRecord, dimensions: usize) -> u64 {
+    let attribute_bytes: usize = record
+        .attributes
+        .iter()
+        .map(|(k, v)| k.len() + v.len())
+        .sum();
+    (record.prompt.len() + record.response.len() + attribute_bytes + dimensions * 4) as u64
+}
+
 /// Attribute names the service sets itself; clients cannot.
 pub const RESERVED_PREFIX: &str = "semcache.";
 
@@ -23,19 +33,9 @@ pub struct Slot {
 }
 
 impl Slot {
-    pub fn bytes(&self) -> u64 {
-        self.bytes
-    }
-
     pub fn from_record(record: &EntryRecord, dimensions: usize) -> Self {
-        let attribute_bytes: usize = record
-            .attributes
-            .iter()
-            .map(|(k, v)| k.len() + v.len())
-            .sum();
         Self {
-            bytes: (record.prompt.len() + record.response.len() + attribute_bytes + dimensions * 4)
-                as u64,
+            bytes: entry_bytes(record, dimensions),
             created_at_ms: record.created_at_ms,
             id: record.id,
             prompt_hash: record.prompt_hash.clone(),
