@@ -87,6 +87,10 @@ pub struct ServeArgs {
     /// Directory of the sled store (created if missing).
     #[arg(long, env = "SEMCACHE_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
+    /// Do not save HNSW graphs under <data-dir>/indexes; every start then re-inserts
+    /// each stored vector (minutes per 100k entries) instead of loading the graphs.
+    #[arg(long, env = "SEMCACHE_NO_SAVED_INDEXES")]
+    pub no_saved_indexes: bool,
     #[command(flatten)]
     pub model: ModelArgs,
     /// Compute device for embeddings: auto uses CUDA when built with it and a GPU is present.
@@ -176,6 +180,7 @@ impl ServeArgs {
             eviction: self.eviction_policy,
             max_entries: self.max_entries,
             max_bytes: self.max_bytes,
+            index_save_dir: (!self.no_saved_indexes).then(|| self.data_dir.join("indexes")),
             ..CacheConfig::default()
         }
     }

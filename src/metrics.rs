@@ -29,6 +29,8 @@ pub struct Metrics {
     pub embed_queue_depth: IntGauge,
     pub embed_duration: Histogram,
     pub http_requests: IntCounterVec,
+    pub startup_entries: IntGaugeVec,
+    pub index_saves: IntCounterVec,
     labels: Mutex<HashSet<String>>,
 }
 
@@ -106,6 +108,22 @@ fn build() -> Result<Metrics, prometheus::Error> {
         ),
         &["route", "status"],
     )?;
+    let startup_entries = IntGaugeVec::new(
+        Opts::new(
+            "semcache_startup_entries",
+            "Entries loaded at start-up, by how their index points came back: from a saved graph, or re-inserted",
+        ),
+        &["source"],
+    )?;
+    let index_saves = IntCounterVec::new(
+        Opts::new(
+            "semcache_index_saves_total",
+            "HNSW graph saves by result (ok or failed)",
+        ),
+        &["result"],
+    )?;
+    registry.register(Box::new(startup_entries.clone()))?;
+    registry.register(Box::new(index_saves.clone()))?;
     registry.register(Box::new(lookups.clone()))?;
     registry.register(Box::new(lookup_duration.clone()))?;
     registry.register(Box::new(inserts.clone()))?;
@@ -136,6 +154,8 @@ fn build() -> Result<Metrics, prometheus::Error> {
         embed_queue_depth,
         embed_duration,
         http_requests,
+        startup_entries,
+        index_saves,
         labels: Mutex::new(HashSet::new()),
     })
 }

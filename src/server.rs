@@ -8,7 +8,7 @@ use tokio::net::TcpListener;
 
 use crate::api::auth::KeyRing;
 use crate::api::{self, AppState};
-use crate::cache::CacheService;
+use crate::cache::{CacheService, SaveWhen};
 use crate::config::ServeArgs;
 use crate::embed::{self, manifest::ModelManifest, provision, Embedder};
 use crate::store::Store;
@@ -103,6 +103,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .context("server failed")?;
     sweeper.abort();
+    if let Ok(core) = state.core() {
+        // The next start loads these graphs instead of re-inserting every vector.
+        match core.save_indexes(SaveWhen::Changed).await {
+            Ok(n) => tracing::info!(caches = n, "indexes saved"),
+            Err(e) => tracing::warn!(error = %e, "indexes not saved; the next start rebuilds them"),
+        }
+    }
     tracing::info!("drained; flushing the store");
     store.flush_blocking()?;
     if let Some(e) = failure.lock().unwrap_or_else(|p| p.into_inner()).take() {

@@ -103,3 +103,82 @@ fn a_second_server_on_the_same_data_dir_is_refused_clearly() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("locked"), "{stderr}");
 }
+
+fn startup_entries(s: &Server, source: &str) -> u64 {
+    let text = s.get("/metrics").text().unwrap();
+    let prefix = format!("semcache_startup_entries{{source=\"{source}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {prefix} in /metrics"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn saved_indexes_load_on_restart_and_later_writes_are_not_lost() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let prompts: Vec<String> = (0..30)
+        .map(|i| format!("How do I configure feature number {i} of the gateway?"))
+        .collect();
+    let mut ids = Vec::new();
+    {
+        let mut s = Server::start_in(&dir, &[]);
+        for p in &prompts[..20] {
+            ids.push(s.set("saved", p, "answer", json!({})));
+        }
+        s.signal("TERM");
+        assert_eq!(s.wait_exit(Duration::from_secs(60)), Some(0));
+    }
+    assert!(dir.join("indexes").read_dir().unwrap().count() == 1, "graph saved at shutdown");
+    {
+        let s = Server::start_in(&dir, &[]);
+        assert_eq!(startup_entries(&s, "saved_index"), 20);
+        assert_eq!(startup_entries(&s, "reinserted"), 0);
+        // Written after the save, deleted after the save: then a crash.
+        for p in &prompts[20..] {
+            ids.push(s.set("saved", p, "answer", json!({})));
+        }
+        assert_eq!(s.delete(&format!("/v1/caches/saved/entries/{}", ids[0]), None).status(), 204);
+        s.signal("KILL");
+    }
+    let s = Server::start_in(&dir, &[]);
+    assert_eq!(startup_entries(&s, "saved_index"), 19);
+    assert_eq!(startup_entries(&s, "reinserted"), 10);
+    for (i, (p, id)) in prompts.iter().zip(&ids).enumerate() {
+        let hits = s.search("saved", json!({"prompt": p, "searchStrategies": ["semantic"]}));
+        if i == 0 {
+            assert!(hits.iter().all(|h| h["id"] != id.as_str()), "deleted entry came back");
+        } else {
+            assert_eq!(&hits[0]["id"], id.as_str(), "{p}");
+        }
+    }
+}
+
+#[test]
+fn a_damaged_saved_index_is_rebuilt_from_the_store() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let id;
+    {
+        let mut s = Server::start_in(&dir, &[]);
+        id = s.set("c", "What is the capital of Peru?", "Lima", json!({}));
+        s.signal("TERM");
+        assert_eq!(s.wait_exit(Duration::from_secs(60)), Some(0));
+    }
+    // Truncate every file of the save.
+    for cache in dir.join("indexes").read_dir().unwrap() {
+        for save in cache.unwrap().path().read_dir().unwrap() {
+            for file in save.unwrap().path().read_dir().unwrap() {
+                let path = file.unwrap().path();
+                std::fs::write(&path, b"damaged").unwrap();
+            }
+        }
+    }
+    let s = Server::start_in(&dir, &[]);
+    assert_eq!(startup_entries(&s, "saved_index"), 0);
+    assert_eq!(startup_entries(&s, "reinserted"), 1);
+    let hits = s.search("c", json!({"prompt": "Which city is the capital of Peru?", "searchStrategies": ["semantic"], "similarityThreshold": 0.8}));
+    assert_eq!(hits[0]["id"], id.as_str());
+}

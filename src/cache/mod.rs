@@ -9,11 +9,14 @@ pub mod chat;
 pub mod evict;
 mod normalize;
 mod recent;
+mod saved;
 pub mod stats;
 mod table;
 pub mod verify;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -66,6 +69,9 @@ pub struct CacheConfig {
     /// Server-wide ceilings over all caches together.
     pub max_entries: Option<u64>,
     pub max_bytes: Option<u64>,
+    /// Where each cache's HNSW graph is saved so a restart need not rebuild it; `None`
+    /// rebuilds every index from the store at start-up.
+    pub index_save_dir: Option<PathBuf>,
 }
 
 impl Default for CacheConfig {
@@ -79,6 +85,7 @@ impl Default for CacheConfig {
             eviction: Policy::Lfu,
             max_entries: None,
             max_bytes: None,
+            index_save_dir: None,
         }
     }
 }
@@ -162,8 +169,20 @@ pub fn now_ms() -> u64 {
 
 /// One consistent view of a cache: slot table and index always change together.
 struct Generation {
+    /// Tells generations apart, so a saved index knows whether it is of this one.
+    serial: u64,
     index: VectorIndex,
     table: RwLock<SlotTable>,
+}
+
+/// Which caches [`CacheService::save_indexes`] saves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveWhen {
+    /// Every cache with a point the last save lacks (at shutdown).
+    Changed,
+    /// Caches that grew by a tenth (at least 1,000 points) or were rebuilt since their
+    /// last save (background upkeep: a save holds the cache's writers off meanwhile).
+    Stale,
 }
 
 struct CacheState {
@@ -176,6 +195,8 @@ struct CacheState {
     /// Held while an entry is made visible and the cache brought back within its
     /// limits, so the live count never exceeds them, even for a moment.
     capacity: Mutex<()>,
+    /// Generation serial and slot count of the last saved index.
+    saved: Mutex<Option<(u64, usize)>>,
 }
 
 pub struct CacheService {
@@ -229,17 +250,55 @@ impl CacheService {
             *service.state_or_create(&cache_id).settings_mut() = settings;
         }
         let now = now_ms();
+        let dimensions = service.dimensions();
+        let mut saved_graphs = service.load_saved_indexes();
         let mut expired: Vec<(String, EntryId)> = Vec::new();
-        let mut loaded = 0usize;
-        for item in service.store.scan() {
-            let (record, vector) = item?;
+        let mut unsaved: Vec<EntryRecord> = Vec::new();
+        let (mut loaded, mut from_saved) = (0usize, 0usize);
+        for item in service.store.scan_records() {
+            let record = item?;
             if record.expires_at_ms.is_some_and(|t| t <= now) {
                 expired.push((record.cache_id.clone(), record.id));
                 continue;
             }
+            let saved_slot = saved_graphs
+                .get_mut(&record.cache_id)
+                .and_then(|(generation, slots)| Some((generation, slots.remove(&record.id)?)));
+            match saved_slot {
+                Some((generation, n)) => {
+                    let mut table = generation.write();
+                    table.fill(n, Slot::from_record(&record, dimensions));
+                    table.publish(n);
+                    from_saved += 1;
+                }
+                None => unsaved.push(record),
+            }
+            loaded += 1;
+        }
+        for (cache_id, (generation, _)) in saved_graphs {
+            if generation.read().live() == 0 {
+                if let Some(root) = &service.config.index_save_dir {
+                    saved::remove(root, &cache_id);
+                }
+                continue;
+            }
+            let state = service.state_or_create(&cache_id);
+            let slots = generation.read().slot_entries().len();
+            *state.saved.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((generation.serial, slots));
+            state.replace(generation);
+        }
+        // Entries the saved graphs lack (written after the last save) go in one by one.
+        for record in unsaved {
+            let vector = service
+                .store
+                .get_vector(&record.cache_id, &record.id)?
+                .ok_or_else(|| StoreError::Corrupt {
+                    key: record.id.to_string(),
+                    reason: "entry has no vector".into(),
+                })?;
             let generation = service.state_or_create(&record.cache_id).generation();
             register(&generation, &record, &vector)?;
-            loaded += 1;
         }
         for item in service.store.scan_feedback() {
             let (cache_id, id, feedback) = item?;
@@ -253,13 +312,107 @@ impl CacheService {
         for (cache_id, id) in &expired {
             service.store.remove(cache_id, std::slice::from_ref(id))?;
         }
+        let m = metrics();
+        m.startup_entries
+            .with_label_values(&["saved_index"])
+            .set(from_saved as i64);
+        m.startup_entries
+            .with_label_values(&["reinserted"])
+            .set((loaded - from_saved) as i64);
         tracing::info!(
             entries = loaded,
+            from_saved_indexes = from_saved,
+            inserted = loaded - from_saved,
             expired = expired.len(),
             caches = service.cache_count(),
             "indexes loaded from the store"
         );
         Ok(service)
+    }
+
+    /// Every cache's saved graph that loads cleanly, with its slots waiting for their
+    /// entries (matched by id while the store is scanned). Unusable saves are removed
+    /// and their caches rebuilt from the store.
+    fn load_saved_indexes(&self) -> HashMap<String, (Generation, HashMap<EntryId, usize>)> {
+        let mut graphs = HashMap::new();
+        let Some(root) = &self.config.index_save_dir else {
+            return graphs;
+        };
+        for cache_id in saved::saved_caches(root) {
+            match saved::load(root, &cache_id, self.dimensions(), self.config.index) {
+                Ok(Some(found)) => {
+                    let waiting: HashMap<EntryId, usize> = found
+                        .slots
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, (_, alive))| *alive)
+                        .map(|(n, (id, _))| (*id, n))
+                        .collect();
+                    let generation = Generation::with_index(found.index);
+                    generation.write().reserve_tombstones(found.slots.len());
+                    graphs.insert(cache_id, (generation, waiting));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(cache = %cache_id, error = %e, "saved index unusable; rebuilding it from the store");
+                    saved::remove(root, &cache_id);
+                }
+            }
+        }
+        graphs
+    }
+
+    /// Saves the HNSW graphs of the caches `when` selects, so the next start loads them
+    /// instead of re-inserting every vector. Returns how many caches were saved.
+    pub async fn save_indexes(&self, when: SaveWhen) -> Result<usize, CacheError> {
+        let Some(root) = self.config.index_save_dir.clone() else {
+            return Ok(0);
+        };
+        let mut saved_count = 0;
+        for (cache_id, state) in self.all_states() {
+            let last = *state.saved.lock().unwrap_or_else(|p| p.into_inner());
+            let stale = |generation: &Generation| {
+                let slots = generation.read().slot_entries().len();
+                match (last, when) {
+                    _ if slots == 0 => false,
+                    (None, _) => true,
+                    (Some((serial, _)), _) if serial != generation.serial => true,
+                    (Some((_, saved)), SaveWhen::Changed) => slots != saved,
+                    (Some((_, saved)), SaveWhen::Stale) => slots >= saved + (saved / 10).max(1000),
+                }
+            };
+            if !stale(&state.generation()) {
+                continue;
+            }
+            let _gate = state.gate.write().await;
+            let generation = state.generation();
+            let slots = generation.read().slot_entries();
+            let started = Instant::now();
+            let (root, id, saving) = (root.clone(), cache_id.clone(), generation.clone());
+            let result = tokio::task::spawn_blocking(move || {
+                saved::save(&root, &id, &saving.index, &slots)
+            })
+            .await;
+            match result {
+                Ok(Ok(())) => {
+                    let slots = generation.read().slot_entries().len();
+                    *state.saved.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some((generation.serial, slots));
+                    saved_count += 1;
+                    metrics().index_saves.with_label_values(&["ok"]).inc();
+                    tracing::info!(cache = %cache_id, points = slots, millis = started.elapsed().as_millis() as u64, "index saved");
+                }
+                Ok(Err(e)) => {
+                    metrics().index_saves.with_label_values(&["failed"]).inc();
+                    tracing::warn!(cache = %cache_id, error = %e, "index not saved");
+                }
+                Err(e) => {
+                    metrics().index_saves.with_label_values(&["failed"]).inc();
+                    tracing::warn!(cache = %cache_id, error = %e, "index save task failed");
+                }
+            }
+        }
+        Ok(saved_count)
     }
 
     pub fn embedder(&self) -> &Embedder {
@@ -922,6 +1075,9 @@ impl CacheService {
         let _gate = state.gate.write().await;
         let removed = self.store.remove_cache(cache_id)?;
         state.replace(Generation::new(self.dimensions(), &self.config));
+        if let Some(root) = &self.config.index_save_dir {
+            saved::remove(root, cache_id);
+        }
         self.store.flush().await?;
         state.stats.evicted(Reason::Flushed, removed as u64);
         self.count_evictions(cache_id, Reason::Flushed, removed);
@@ -975,6 +1131,7 @@ impl CacheService {
                 tracing::info!(cache = %cache_id, tombstones = removed, "index rebuilt");
             }
         }
+        self.save_indexes(SaveWhen::Stale).await?;
         Ok(())
     }
 
@@ -1058,6 +1215,7 @@ impl CacheState {
             settings: RwLock::new(CacheSettings::default()),
             stats: Stats::default(),
             capacity: Mutex::new(()),
+            saved: Mutex::new(None),
         }
     }
 
@@ -1083,8 +1241,14 @@ impl CacheState {
 
 impl Generation {
     fn new(dimensions: usize, config: &CacheConfig) -> Self {
+        Self::with_index(VectorIndex::new(dimensions, 0, config.index))
+    }
+
+    fn with_index(index: VectorIndex) -> Self {
+        static SERIALS: AtomicU64 = AtomicU64::new(1);
         Self {
-            index: VectorIndex::new(dimensions, 0, config.index),
+            serial: SERIALS.fetch_add(1, Ordering::Relaxed),
+            index,
             table: RwLock::new(SlotTable::default()),
         }
     }

@@ -92,6 +92,36 @@ impl SlotTable {
             .collect()
     }
 
+    /// Every slot in order, with whether it answers: what a saved index needs to map its
+    /// points back to entries.
+    pub fn slot_entries(&self) -> Vec<(EntryId, bool)> {
+        self.slots.iter().map(|s| (s.id, s.alive)).collect()
+    }
+
+    /// Appends `n` dead slots, to be filled with [`SlotTable::fill`]: a loaded index's
+    /// points keep their slot numbers, and those whose entries are gone stay tombstones.
+    pub fn reserve_tombstones(&mut self, n: usize) {
+        let nothing = Arc::new(BTreeMap::new());
+        self.slots.extend((0..n).map(|_| Slot {
+            id: EntryId([0; 16]),
+            prompt_hash: String::new(),
+            attributes: nothing.clone(),
+            expires_at_ms: None,
+            created_at_ms: 0,
+            bytes: 0,
+            alive: false,
+        }));
+    }
+
+    /// Puts an entry into a slot made by [`SlotTable::reserve_tombstones`]; publish next.
+    pub fn fill(&mut self, n: usize, slot: Slot) {
+        if let Some(place) = self.slots.get_mut(n) {
+            if !place.alive {
+                *place = slot;
+            }
+        }
+    }
+
     /// Takes a slot number for an entry that is not visible yet.
     pub fn reserve(&mut self, slot: Slot) -> usize {
         self.slots.push(slot);

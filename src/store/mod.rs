@@ -300,6 +300,14 @@ impl Store {
         Ok(removed)
     }
 
+    /// Every stored entry without its vector, in key order (grouped by cache).
+    pub fn scan_records(&self) -> impl Iterator<Item = Result<EntryRecord, StoreError>> + '_ {
+        self.entries.iter().map(move |item| {
+            let (key, bytes) = item?;
+            decode_entry(&key, &bytes)
+        })
+    }
+
     /// Every stored entry with its vector, in key order (grouped by cache).
     pub fn scan(&self) -> impl Iterator<Item = Result<(EntryRecord, Vec<f32>), StoreError>> + '_ {
         self.entries.iter().map(move |item| {
