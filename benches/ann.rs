@@ -20,10 +20,16 @@ fn read_npy(path: &Path) -> (usize, usize, Vec<f32>) {
     let (header_len, start) = if bytes[6] == 1 {
         (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10)
     } else {
-        (u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize, 12)
+        (
+            u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize,
+            12,
+        )
     };
     let header = std::str::from_utf8(&bytes[start..start + header_len]).unwrap();
-    assert!(header.contains("'<f4'") && header.contains("'fortran_order': False"), "{header}");
+    assert!(
+        header.contains("'<f4'") && header.contains("'fortran_order': False"),
+        "{header}"
+    );
     let shape = &header[header.find('(').unwrap() + 1..header.find(')').unwrap()];
     let dims: Vec<usize> = shape
         .split(',')

@@ -40,17 +40,28 @@ fn main() {
     let prompts: Prompts = match std::fs::read(&path) {
         Ok(bytes) => serde_json::from_slice(&bytes).expect("prompts file"),
         Err(e) => {
-            eprintln!("{path}: {e}; write it with benches/peers/prompts.py (see benches/peers/run.sh)");
+            eprintln!(
+                "{path}: {e}; write it with benches/peers/prompts.py (see benches/peers/run.sh)"
+            );
             return;
         }
     };
+    let workers = std::env::var("SEMCACHE_EMBED_WORKERS")
+        .ok()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| QueueOptions::default().workers);
+    semcache::embed::one_kernel_thread_per_worker(workers);
     let manifest = ModelManifest::default_model();
     let files = provision::ensure(&manifest, &provision::default_model_dir()).expect("model");
     let tokenizer = TextTokenizer::load(&files.tokenizer, manifest.max_seq_length).unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let device = select_device(DeviceChoice::Cpu).unwrap();
+    let options = QueueOptions {
+        workers,
+        ..QueueOptions::default()
+    };
     let embedder = runtime.block_on(async {
-        Embedder::start(&manifest, &files, &device, QueueOptions::default()).expect("embedder")
+        Embedder::start(&manifest, &files, &device, options).expect("embedder")
     });
     let embed_one = |text: &str| {
         runtime
@@ -76,7 +87,9 @@ fn main() {
         .unwrap();
     let started = Instant::now();
     for chunk in batch_texts.chunks(32) {
-        runtime.block_on(embedder.embed_many(chunk.to_vec())).unwrap();
+        runtime
+            .block_on(embedder.embed_many(chunk.to_vec()))
+            .unwrap();
     }
     let texts_per_s = batch_texts.len() as f64 / started.elapsed().as_secs_f64();
 
@@ -101,10 +114,10 @@ fn main() {
         let (p50, p99, _) = quantiles(ms);
         fixed.push(format!("{n} tok {p50:.1} / {p99:.1}"));
     }
-    let build = if cfg!(feature = "mkl") { "candle+mkl" } else { "candle" };
     println!(
-        "semcache ({build}): single p50 {p50:.1} ms, p99 {p99:.1} ms, mean {mean:.1} ms; \
+        "semcache (candle, {} inference workers): single p50 {p50:.1} ms, p99 {p99:.1} ms, mean {mean:.1} ms; \
          batch-32 {texts_per_s:.1} texts/s; fixed p50/p99 ms: {}",
+        options.workers,
         fixed.join(", ")
     );
 }

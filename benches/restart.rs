@@ -4,11 +4,17 @@
 //!
 //! Fills a data directory with synthetic entries written straight through the store
 //! (prompts "synthetic prompt <i> about topic <i mod 997>", 200-byte responses, one
-//! attribute, random unit vectors — embedding a million prompts would take hours and
-//! restart never re-embeds anyway), then starts `semcache serve` on it and measures
-//! the time until `/readyz` answers 200, the resident memory once ready, and the size of
-//! the data directory. The same is measured on an empty data directory, so the model's
-//! own footprint can be subtracted.
+//! attribute, ten caches; vectors are clustered like real prompt embeddings: one of
+//! 4,096 random unit centres plus Gaussian noise, normalised, cosine ≈ 0.7 to the
+//! centre — embedding a million prompts would take hours and restart never re-embeds
+//! anyway). Then:
+//!
+//! 1. starts `semcache serve` on it with no saved index: every vector is re-inserted
+//!    (time to `/readyz` 200), and stops it with SIGTERM, which saves the graphs;
+//! 2. starts it again: the saved graphs load (time to ready, resident memory);
+//!
+//! and reports the data directory's size. The same is measured on an empty data
+//! directory, so the model's own footprint can be subtracted.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -23,12 +29,27 @@ use semcache::store::{EntryId, EntryRecord, Store};
 fn fill(dir: &Path, entries: usize) {
     let store = Store::open(dir).expect("open store");
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let unit = |v: &mut Vec<f32>| {
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter_mut().for_each(|x| *x /= norm);
+    };
+    let centres: Vec<Vec<f32>> = (0..4096)
+        .map(|_| {
+            let mut c: Vec<f32> = (0..384).map(|_| gaussian(&mut rng)).collect();
+            unit(&mut c);
+            c
+        })
+        .collect();
     let response = "r".repeat(200);
     for i in 0..entries {
         let prompt = format!("synthetic prompt {i} about topic {}", i % 997);
-        let mut v: Vec<f32> = (0..384).map(|_| rng.gen_range(-1.0..1.0)).collect();
-        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-        v.iter_mut().for_each(|x| *x /= norm);
+        // Noise of norm ~1 around a unit centre: cosine to the centre ≈ 0.7.
+        let centre = &centres[rng.gen_range(0..centres.len())];
+        let mut v: Vec<f32> = centre
+            .iter()
+            .map(|c| c + gaussian(&mut rng) / (384f32).sqrt())
+            .collect();
+        unit(&mut v);
         let record = EntryRecord {
             id: EntryId::new(),
             cache_id: format!("cache-{}", i % 10),
@@ -43,6 +64,13 @@ fn fill(dir: &Path, entries: usize) {
         store.insert(&record, &v).expect("insert");
     }
     store.flush_blocking().expect("flush");
+}
+
+/// A standard normal sample (Box–Muller).
+fn gaussian(rng: &mut impl Rng) -> f32 {
+    let u1: f32 = rng.gen_range(f32::EPSILON..1.0);
+    let u2: f32 = rng.gen_range(0.0..1.0);
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
 }
 
 fn dir_size(path: &Path) -> u64 {
@@ -71,8 +99,16 @@ fn rss_bytes(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// Starts the server on `dir`; returns (seconds to ready, RSS once ready).
-fn start(dir: &Path) -> (f64, u64) {
+/// What one start measured.
+struct Start {
+    ready_s: f64,
+    rss: u64,
+    /// Seconds from SIGTERM to exit: draining, saving the graphs, flushing.
+    stop_s: f64,
+}
+
+/// Starts the server on `dir`, waits for `/readyz` 200, then stops it with SIGTERM.
+fn start(dir: &Path) -> Start {
     let bin = env!("CARGO_BIN_EXE_semcache");
     let started = Instant::now();
     let mut child = Command::new(bin)
@@ -98,12 +134,19 @@ fn start(dir: &Path) -> (f64, u64) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let ready = started.elapsed().as_secs_f64();
+    let ready_s = started.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_millis(500));
     let rss = rss_bytes(child.id());
-    let _ = child.kill();
+    let stopping = Instant::now();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
     let _ = child.wait();
-    (ready, rss)
+    Start {
+        ready_s,
+        rss,
+        stop_s: stopping.elapsed().as_secs_f64(),
+    }
 }
 
 fn main() {
@@ -111,28 +154,37 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100_000);
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir_in(std::env::var("SEMCACHE_BENCH_TMP").unwrap_or("target".into()))
+        .unwrap();
     let empty = tmp.path().join("empty");
     let full = tmp.path().join("full");
     std::fs::create_dir_all(&empty).unwrap();
-    let (empty_ready, empty_rss) = start(&empty);
+    let baseline = start(&empty);
     let t = Instant::now();
     fill(&full, entries);
     let fill_s = t.elapsed().as_secs_f64();
+    let rebuilt = start(&full);
+    let loaded = start(&full);
     let disk = dir_size(&full);
-    let (ready, rss) = start(&full);
-    let per_entry_rss = rss.saturating_sub(empty_rss) as f64 / entries as f64;
-    println!("| entries | fill (s) | restart to ready (s) | RSS ready | RSS per entry (model subtracted) | data dir | disk per entry |");
-    println!("|---|---|---|---|---|---|---|");
+    let graphs = dir_size(&full.join("indexes"));
+    let per_entry = |rss: u64| rss.saturating_sub(baseline.rss) as f64 / entries as f64;
+    println!("| entries | fill store (s) | start, re-inserting every vector (s) | SIGTERM to exit, graphs saved (s) | start from saved graphs (s) | RSS ready (saved graphs) | RSS per entry (model subtracted) | data dir | disk per entry (of which graphs) |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     println!(
-        "| 0 | - | {empty_ready:.2} | {:.0} MiB | - | - | - |",
-        empty_rss as f64 / 1048576.0
+        "| 0 | - | {:.2} | - | - | {:.0} MiB | - | - | - |",
+        baseline.ready_s,
+        baseline.rss as f64 / 1048576.0
     );
     println!(
-        "| {entries} | {fill_s:.1} | {ready:.2} | {:.0} MiB | {:.0} B | {:.0} MiB | {:.0} B |",
-        rss as f64 / 1048576.0,
-        per_entry_rss,
+        "| {entries} | {fill_s:.1} | {:.1} | {:.1} | {:.2} | {:.0} MiB | {:.0} B (re-inserted: {:.0} B) | {:.0} MiB | {:.0} B ({:.0} B) |",
+        rebuilt.ready_s,
+        rebuilt.stop_s,
+        loaded.ready_s,
+        loaded.rss as f64 / 1048576.0,
+        per_entry(loaded.rss),
+        per_entry(rebuilt.rss),
         disk as f64 / 1048576.0,
-        disk as f64 / entries as f64
+        disk as f64 / entries as f64,
+        graphs as f64 / entries as f64
     );
 }

@@ -139,6 +139,10 @@ pub struct ServeArgs {
     /// Most texts in one forward pass.
     #[arg(long, env = "SEMCACHE_EMBED_BATCH", default_value_t = 32)]
     pub embed_batch: usize,
+    /// Inference threads on CPU, each running the model single-threaded (default: one
+    /// per core the process may use).
+    #[arg(long, env = "SEMCACHE_EMBED_WORKERS", value_name = "N")]
+    pub embed_workers: Option<usize>,
     /// Most live entries over all caches together; beyond it, capacity eviction.
     #[arg(long, env = "SEMCACHE_MAX_ENTRIES")]
     pub max_entries: Option<u64>,
@@ -189,6 +193,9 @@ impl ServeArgs {
         QueueOptions {
             capacity: self.embed_queue.max(1),
             max_batch: self.embed_batch.max(1),
+            workers: self
+                .embed_workers
+                .unwrap_or_else(|| QueueOptions::default().workers),
             ..QueueOptions::default()
         }
     }

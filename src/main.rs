@@ -30,6 +30,9 @@ fn main() -> ExitCode {
         Some(Command::Serve(args)) => run_server(args),
         Some(Command::Eval(args)) => {
             init_logging(LogFormat::Text);
+            semcache::embed::one_kernel_thread_per_worker(
+                semcache::embed::QueueOptions::default().workers,
+            );
             semcache::eval::run(args)
         }
         None => run_server(cli.serve),
@@ -45,6 +48,8 @@ fn main() -> ExitCode {
 
 fn run_server(args: semcache::config::ServeArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
+    // Before the runtime starts any thread.
+    semcache::embed::one_kernel_thread_per_worker(args.queue_options().workers);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("semcache-http")

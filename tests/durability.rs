@@ -131,7 +131,10 @@ fn saved_indexes_load_on_restart_and_later_writes_are_not_lost() {
         s.signal("TERM");
         assert_eq!(s.wait_exit(Duration::from_secs(60)), Some(0));
     }
-    assert!(dir.join("indexes").read_dir().unwrap().count() == 1, "graph saved at shutdown");
+    assert!(
+        dir.join("indexes").read_dir().unwrap().count() == 1,
+        "graph saved at shutdown"
+    );
     {
         let s = Server::start_in(&dir, &[]);
         assert_eq!(startup_entries(&s, "saved_index"), 20);
@@ -140,16 +143,26 @@ fn saved_indexes_load_on_restart_and_later_writes_are_not_lost() {
         for p in &prompts[20..] {
             ids.push(s.set("saved", p, "answer", json!({})));
         }
-        assert_eq!(s.delete(&format!("/v1/caches/saved/entries/{}", ids[0]), None).status(), 204);
+        assert_eq!(
+            s.delete(&format!("/v1/caches/saved/entries/{}", ids[0]), None)
+                .status(),
+            204
+        );
         s.signal("KILL");
     }
     let s = Server::start_in(&dir, &[]);
     assert_eq!(startup_entries(&s, "saved_index"), 19);
     assert_eq!(startup_entries(&s, "reinserted"), 10);
     for (i, (p, id)) in prompts.iter().zip(&ids).enumerate() {
-        let hits = s.search("saved", json!({"prompt": p, "searchStrategies": ["semantic"]}));
+        let hits = s.search(
+            "saved",
+            json!({"prompt": p, "searchStrategies": ["semantic"]}),
+        );
         if i == 0 {
-            assert!(hits.iter().all(|h| h["id"] != id.as_str()), "deleted entry came back");
+            assert!(
+                hits.iter().all(|h| h["id"] != id.as_str()),
+                "deleted entry came back"
+            );
         } else {
             assert_eq!(&hits[0]["id"], id.as_str(), "{p}");
         }

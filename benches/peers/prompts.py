@@ -27,6 +27,9 @@ doc = {
     # the ANN and end-to-end benchmarks: the whole corpus and the held-out queries
     "corpus": corpus,
     "queries": [p for p, _ in split["queries"]],
+    # gptcache_bench.py stores the first 1,000 corpus pairs and the mock 'origin' prompts
+    "stored": [[p, a] for p, a in split["corpus"] if a.strip()][:1000],
+    "mock": [list(pair) for pair in bc.load_mock_pairs()] if bc.MOCK_DATA_JSON.exists() else [],
 }
 out.parent.mkdir(parents=True, exist_ok=True)
 out.write_text(json.dumps(doc))

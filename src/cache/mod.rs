@@ -389,10 +389,9 @@ impl CacheService {
             let slots = generation.read().slot_entries();
             let started = Instant::now();
             let (root, id, saving) = (root.clone(), cache_id.clone(), generation.clone());
-            let result = tokio::task::spawn_blocking(move || {
-                saved::save(&root, &id, &saving.index, &slots)
-            })
-            .await;
+            let result =
+                tokio::task::spawn_blocking(move || saved::save(&root, &id, &saving.index, &slots))
+                    .await;
             match result {
                 Ok(Ok(())) => {
                     let slots = generation.read().slot_entries().len();

@@ -210,11 +210,7 @@ pub fn load(
     if index.len() != slots.len() {
         return Err(SavedError::Io {
             path: path.display().to_string(),
-            reason: format!(
-                "graph has {} points, slot map {}",
-                index.len(),
-                slots.len()
-            ),
+            reason: format!("graph has {} points, slot map {}", index.len(), slots.len()),
         });
     }
     Ok(Some(SavedIndex { index, slots }))

@@ -82,7 +82,8 @@ mod simd {
     pub fn has_avx2_fma() -> bool {
         static DETECTED: OnceLock<bool> = OnceLock::new();
         *DETECTED.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
         })
     }
 
@@ -188,7 +189,9 @@ impl VectorIndex {
         .map_err(|p| IndexError::Internal(panic_text(p)))?
         .map_err(|e| file_error(e.to_string()))?;
         if written != SAVED_BASENAME {
-            return Err(file_error(format!("hnsw_rs wrote {written}, not {SAVED_BASENAME}")));
+            return Err(file_error(format!(
+                "hnsw_rs wrote {written}, not {SAVED_BASENAME}"
+            )));
         }
         Ok(())
     }
@@ -203,15 +206,14 @@ impl VectorIndex {
         // hnsw_rs ties a loaded graph's lifetime to its loader (for memory-mapped data,
         // which we do not use); the loader is a few hundred bytes, kept for good.
         let loader: &'static mut HnswIo = Box::leak(Box::new(HnswIo::new(dir, SAVED_BASENAME)));
-        let hnsw: Hnsw<'static, f32, CosineDistance> =
-            catch_unwind(AssertUnwindSafe(move || {
-                let loader = loader; // moved, so the closure is FnOnce and may return it
-                loader.load_hnsw::<f32, CosineDistance>()
-            }))
-                .map_err(|p| file_error(panic_text(p)))?
-                .map_err(|e| file_error(e.to_string()))?;
-        if hnsw.get_nb_point() > 0
-            && hnsw.get_point_indexation().get_data_dimension() != dimensions {
+        let hnsw: Hnsw<'static, f32, CosineDistance> = catch_unwind(AssertUnwindSafe(move || {
+            let loader = loader; // moved, so the closure is FnOnce and may return it
+            loader.load_hnsw::<f32, CosineDistance>()
+        }))
+        .map_err(|p| file_error(panic_text(p)))?
+        .map_err(|e| file_error(e.to_string()))?;
+        if hnsw.get_nb_point() > 0 && hnsw.get_point_indexation().get_data_dimension() != dimensions
+        {
             return Err(IndexError::Dimension {
                 got: hnsw.get_point_indexation().get_data_dimension(),
                 expected: dimensions,
@@ -378,7 +380,10 @@ mod tests {
             let b: Vec<f32> = (0..len).map(|_| rng.gen_range(-1.0..1.0)).collect();
             let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
             assert!((dot(&a, &b) as f64 - exact).abs() < 1e-4, "len {len}");
-            assert!((dot_portable(&a, &b) as f64 - exact).abs() < 1e-4, "len {len}");
+            assert!(
+                (dot_portable(&a, &b) as f64 - exact).abs() < 1e-4,
+                "len {len}"
+            );
         }
     }
 
@@ -417,7 +422,9 @@ mod tests {
         assert!(VectorIndex::load(dir.path(), 32, IndexParams::default()).is_err());
         std::fs::write(&graph, b"not a graph").unwrap();
         assert!(VectorIndex::load(dir.path(), 32, IndexParams::default()).is_err());
-        assert!(VectorIndex::load(&dir.path().join("missing"), 32, IndexParams::default()).is_err());
+        assert!(
+            VectorIndex::load(&dir.path().join("missing"), 32, IndexParams::default()).is_err()
+        );
     }
 
     #[test]
