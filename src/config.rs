@@ -87,6 +87,9 @@ pub struct ServeArgs {
     /// Directory of the sled store (created if missing).
     #[arg(long, env = "SEMCACHE_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
+    /// sled's page cache, in bytes (records are also in the OS page cache).
+    #[arg(long, env = "SEMCACHE_STORE_CACHE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub store_cache_bytes: u64,
     /// Do not save HNSW graphs under <data-dir>/indexes; every start then re-inserts
     /// each stored vector (minutes per 100k entries) instead of loading the graphs.
     #[arg(long, env = "SEMCACHE_NO_SAVED_INDEXES")]

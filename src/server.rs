@@ -11,7 +11,7 @@ use crate::api::{self, AppState};
 use crate::cache::{CacheService, SaveWhen};
 use crate::config::ServeArgs;
 use crate::embed::{self, manifest::ModelManifest, provision, Embedder};
-use crate::store::Store;
+use crate::store::{Store, StoreOptions};
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // The store opens first so a locked or newer-format data dir fails fast and clearly.
@@ -27,7 +27,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         tracing::warn!("no API keys configured: every client may read and write every cache");
     }
-    let store = Store::open_with_reserve(&args.data_dir, args.min_free_disk_bytes)?;
+    let store = Store::open_with(
+        &args.data_dir,
+        StoreOptions {
+            min_free_bytes: args.min_free_disk_bytes,
+            cache_bytes: args.store_cache_bytes,
+        },
+    )?;
     let state = AppState::new(args.limits());
     let listener = TcpListener::bind(args.addr)
         .await
@@ -137,6 +143,13 @@ async fn load(args: ServeArgs, store: Store, state: AppState) -> anyhow::Result<
         Ok(CacheService::open(store, embedder, config)?)
     })
     .await??;
+    // Loading freed a lot (decoded records, hnsw_rs read buffers); give it back to the
+    // system rather than keep it as idle heap in the resident set.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap pages; it is safe at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
     state.set_core(Arc::new(core));
     tracing::info!("ready");
     Ok(())

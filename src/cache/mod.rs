@@ -251,9 +251,12 @@ impl CacheService {
         }
         let now = now_ms();
         let dimensions = service.dimensions();
+        let started = Instant::now();
         let mut saved_graphs = service.load_saved_indexes();
+        let graphs_ms = started.elapsed().as_millis() as u64;
         let mut expired: Vec<(String, EntryId)> = Vec::new();
-        let mut unsaved: Vec<EntryRecord> = Vec::new();
+        // Entries no saved graph holds, by cache; only ids, so memory stays small.
+        let mut unsaved: BTreeMap<String, Vec<EntryId>> = BTreeMap::new();
         let (mut loaded, mut from_saved) = (0usize, 0usize);
         for item in service.store.scan_records() {
             let record = item?;
@@ -271,7 +274,10 @@ impl CacheService {
                     table.publish(n);
                     from_saved += 1;
                 }
-                None => unsaved.push(record),
+                None => unsaved
+                    .entry(record.cache_id.clone())
+                    .or_default()
+                    .push(record.id),
             }
             loaded += 1;
         }
@@ -283,23 +289,13 @@ impl CacheService {
                 continue;
             }
             let state = service.state_or_create(&cache_id);
-            let slots = generation.read().slot_entries().len();
+            let slots = generation.read().slot_count();
             *state.saved.lock().unwrap_or_else(|p| p.into_inner()) =
                 Some((generation.serial, slots));
             state.replace(generation);
         }
-        // Entries the saved graphs lack (written after the last save) go in one by one.
-        for record in unsaved {
-            let vector = service
-                .store
-                .get_vector(&record.cache_id, &record.id)?
-                .ok_or_else(|| StoreError::Corrupt {
-                    key: record.id.to_string(),
-                    reason: "entry has no vector".into(),
-                })?;
-            let generation = service.state_or_create(&record.cache_id).generation();
-            register(&generation, &record, &vector)?;
-        }
+        let scanned_ms = started.elapsed().as_millis() as u64;
+        service.insert_unsaved(unsaved)?;
         for item in service.store.scan_feedback() {
             let (cache_id, id, feedback) = item?;
             if let Some(state) = service.state(&cache_id) {
@@ -324,10 +320,40 @@ impl CacheService {
             from_saved_indexes = from_saved,
             inserted = loaded - from_saved,
             expired = expired.len(),
+            graphs_loaded_ms = graphs_ms,
+            store_scanned_ms = scanned_ms,
+            total_ms = started.elapsed().as_millis() as u64,
             caches = service.cache_count(),
             "indexes loaded from the store"
         );
         Ok(service)
+    }
+
+    /// Inserts, at start-up, the entries no saved graph holds (all of them on a first
+    /// start, those written after the last save otherwise). One cache's inserts take
+    /// turns (hnsw_rs), so caches are spread over a thread per core.
+    fn insert_unsaved(&self, unsaved: BTreeMap<String, Vec<EntryId>>) -> Result<(), CacheError> {
+        let load_cache = |cache_id: &str, ids: &[EntryId]| -> Result<(), CacheError> {
+            let generation = self.state_or_create(cache_id).generation();
+            for id in ids {
+                let (Some(record), Some(vector)) =
+                    (self.store.get(cache_id, id)?, self.store.get_vector(cache_id, id)?)
+                else {
+                    return Err(StoreError::Corrupt {
+                        key: id.to_string(),
+                        reason: "entry has no vector".into(),
+                    }
+                    .into());
+                };
+                register(&generation, &record, &vector)?;
+            }
+            Ok(())
+        };
+        on_every_core(unsaved.into_iter().collect(), |(cache_id, ids)| {
+            load_cache(&cache_id, &ids)
+        })
+        .into_iter()
+        .collect()
     }
 
     /// Every cache's saved graph that loads cleanly, with its slots waiting for their
@@ -338,8 +364,13 @@ impl CacheService {
         let Some(root) = &self.config.index_save_dir else {
             return graphs;
         };
-        for cache_id in saved::saved_caches(root) {
-            match saved::load(root, &cache_id, self.dimensions(), self.config.index) {
+        let dimensions = self.dimensions();
+        let loaded = on_every_core(saved::saved_caches(root), |cache_id| {
+            let found = saved::load(root, &cache_id, dimensions, self.config.index);
+            (cache_id, found)
+        });
+        for (cache_id, found) in loaded {
+            match found {
                 Ok(Some(found)) => {
                     let waiting: HashMap<EntryId, usize> = found
                         .slots
@@ -372,7 +403,7 @@ impl CacheService {
         for (cache_id, state) in self.all_states() {
             let last = *state.saved.lock().unwrap_or_else(|p| p.into_inner());
             let stale = |generation: &Generation| {
-                let slots = generation.read().slot_entries().len();
+                let slots = generation.read().slot_count();
                 match (last, when) {
                     _ if slots == 0 => false,
                     (None, _) => true,
@@ -394,7 +425,7 @@ impl CacheService {
                     .await;
             match result {
                 Ok(Ok(())) => {
-                    let slots = generation.read().slot_entries().len();
+                    let slots = generation.read().slot_count();
                     *state.saved.lock().unwrap_or_else(|p| p.into_inner()) =
                         Some((generation.serial, slots));
                     saved_count += 1;
@@ -1259,6 +1290,31 @@ impl Generation {
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, SlotTable> {
         self.table.write().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Runs `work` on every item, spread over a thread per core (start-up work that is
+/// independent per cache: loading saved graphs, re-inserting vectors).
+fn on_every_core<T: Send, R: Send>(items: Vec<T>, work: impl Fn(T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let queue = Mutex::new(items);
+    let next = || queue.lock().unwrap_or_else(|p| p.into_inner()).pop();
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    while let Some(item) = next() {
+                        done.push(work(item));
+                    }
+                    done
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
 }
 
 /// Adds an entry to a generation: reserve a slot, index it, then make it visible.

@@ -1,7 +1,7 @@
 //! The in-memory slot table of one cache generation: which index slot is which entry,
 //! whether it is still alive, and the lookups that avoid touching the store.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use super::evict::{Policy, Tracker};
@@ -54,6 +54,9 @@ pub struct SlotTable {
     /// `(key, value)` → slots carrying that attribute (dead ones included until rebuild).
     postings: HashMap<(String, String), Vec<usize>>,
     feedback: HashMap<usize, Arc<FeedbackRecord>>,
+    /// One shared copy of each distinct attribute set: deployments use few (model,
+    /// tenant, …), and a map of its own costs an entry about 600 bytes.
+    attribute_sets: HashSet<Arc<BTreeMap<String, String>>>,
     live: usize,
     live_bytes: u64,
     usage: Tracker,
@@ -92,6 +95,11 @@ impl SlotTable {
             .collect()
     }
 
+    /// Slots taken, live or not: the points in this generation's index.
+    pub fn slot_count(&self) -> usize {
+        self.slots.len()
+    }
+
     /// Every slot in order, with whether it answers: what a saved index needs to map its
     /// points back to entries.
     pub fn slot_entries(&self) -> Vec<(EntryId, bool)> {
@@ -114,7 +122,8 @@ impl SlotTable {
     }
 
     /// Puts an entry into a slot made by [`SlotTable::reserve_tombstones`]; publish next.
-    pub fn fill(&mut self, n: usize, slot: Slot) {
+    pub fn fill(&mut self, n: usize, mut slot: Slot) {
+        slot.attributes = self.shared_attributes(slot.attributes);
         if let Some(place) = self.slots.get_mut(n) {
             if !place.alive {
                 *place = slot;
@@ -122,8 +131,20 @@ impl SlotTable {
         }
     }
 
+    fn shared_attributes(
+        &mut self,
+        attributes: Arc<BTreeMap<String, String>>,
+    ) -> Arc<BTreeMap<String, String>> {
+        if let Some(shared) = self.attribute_sets.get(&attributes) {
+            return shared.clone();
+        }
+        self.attribute_sets.insert(attributes.clone());
+        attributes
+    }
+
     /// Takes a slot number for an entry that is not visible yet.
-    pub fn reserve(&mut self, slot: Slot) -> usize {
+    pub fn reserve(&mut self, mut slot: Slot) -> usize {
+        slot.attributes = self.shared_attributes(slot.attributes);
         self.slots.push(slot);
         self.slots.len() - 1
     }

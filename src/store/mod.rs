@@ -167,6 +167,25 @@ pub struct CacheSettings {
     pub allow_sampled: bool,
 }
 
+/// How a store is opened.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreOptions {
+    /// Inserts are refused (507) while the filesystem has less free than this.
+    pub min_free_bytes: u64,
+    /// sled's page cache. Its default (1 GiB) fills with every record read at start-up
+    /// and stays resident; entries are also in the OS page cache, so this is kept small.
+    pub cache_bytes: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            min_free_bytes: 0,
+            cache_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Store {
     /// Inserts are refused (DiskFull) while the data dir's filesystem has less free.
@@ -184,16 +203,18 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the store and brings its format up to date.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        Self::open_with_reserve(path, 0)
+        Self::open_with(path, StoreOptions::default())
     }
 
-    /// Like [`Store::open`], refusing inserts while the filesystem has less than
-    /// `min_free_bytes` free. sled 0.34 does not recover from ENOSPC in place (its
+    /// Like [`Store::open`], with a page cache of `cache_bytes`, refusing inserts while
+    /// the filesystem has less than `min_free_bytes` free. sled 0.34 does not recover from ENOSPC in place (its
     /// flushes hang), so the reserve keeps it from ever meeting a full disk; inserts
     /// succeed again as soon as space returns.
-    pub fn open_with_reserve(path: &Path, min_free_bytes: u64) -> Result<Self, StoreError> {
+    pub fn open_with(path: &Path, options: StoreOptions) -> Result<Self, StoreError> {
+        let min_free_bytes = options.min_free_bytes;
         let db = sled::Config::new()
             .path(path)
+            .cache_capacity(options.cache_bytes)
             .mode(sled::Mode::HighThroughput)
             .open()
             .map_err(|e| StoreError::Open {
