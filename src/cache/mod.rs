@@ -336,9 +336,10 @@ impl CacheService {
         let load_cache = |cache_id: &str, ids: &[EntryId]| -> Result<(), CacheError> {
             let generation = self.state_or_create(cache_id).generation();
             for id in ids {
-                let (Some(record), Some(vector)) =
-                    (self.store.get(cache_id, id)?, self.store.get_vector(cache_id, id)?)
-                else {
+                let (Some(record), Some(vector)) = (
+                    self.store.get(cache_id, id)?,
+                    self.store.get_vector(cache_id, id)?,
+                ) else {
                     return Err(StoreError::Corrupt {
                         key: id.to_string(),
                         reason: "entry has no vector".into(),
