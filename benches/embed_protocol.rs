@@ -16,6 +16,8 @@
 
 use std::time::Instant;
 
+mod common;
+
 use semcache::embed::{
     manifest::ModelManifest, provision, select_device, tokenize::TextTokenizer, DeviceChoice,
     Embedder, QueueOptions,
@@ -35,16 +37,8 @@ fn quantiles(mut ms: Vec<f64>) -> (f64, f64, f64) {
 }
 
 fn main() {
-    let path = std::env::var("SEMCACHE_BENCH_PROMPTS")
-        .unwrap_or_else(|_| "target/bench-prompts.json".into());
-    let prompts: Prompts = match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).expect("prompts file"),
-        Err(e) => {
-            eprintln!(
-                "{path}: {e}; write it with benches/peers/prompts.py (see benches/peers/run.sh)"
-            );
-            return;
-        }
+    let Some(prompts) = common::load_prompts::<Prompts>() else {
+        return;
     };
     let workers = std::env::var("SEMCACHE_EMBED_WORKERS")
         .ok()

@@ -16,12 +16,12 @@
 //! starting one; it must be empty). Each request's latency is measured by the client on
 //! the same machine, as wrk does for the peer; client and server share the cores.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+
+mod common;
 
 #[derive(serde::Deserialize)]
 struct Prompts {
@@ -32,6 +32,7 @@ struct Prompts {
 
 const CACHE: &str = "load";
 
+#[derive(Default)]
 struct Run {
     requests: u64,
     errors: u64,
@@ -61,13 +62,7 @@ async fn drive(
     for worker in 0..concurrency {
         let (client, url, bodies) = (client.clone(), url.to_string(), bodies.clone());
         tasks.push(tokio::spawn(async move {
-            let mut run = Run {
-                requests: 0,
-                errors: 0,
-                hits: 0,
-                seconds: 0.0,
-                latencies_ms: Vec::new(),
-            };
+            let mut run = Run::default();
             // Workers start at different offsets so they do not send the same body in step.
             let mut next = worker * 104_729;
             while Instant::now() < deadline {
@@ -93,13 +88,7 @@ async fn drive(
             run
         }));
     }
-    let mut total = Run {
-        requests: 0,
-        errors: 0,
-        hits: 0,
-        seconds: 0.0,
-        latencies_ms: Vec::new(),
-    };
+    let mut total = Run::default();
     for task in tasks {
         let run = task.await.expect("client task");
         total.requests += run.requests;
@@ -110,25 +99,6 @@ async fn drive(
     total.seconds = started.elapsed().as_secs_f64();
     total.latencies_ms.sort_by(f64::total_cmp);
     total
-}
-
-fn start_server(dir: &std::path::Path) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_semcache"))
-        .args(["serve", "--addr", "127.0.0.1:0", "--data-dir"])
-        .arg(dir)
-        .env("SEMCACHE_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start semcache");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let addr = loop {
-        let line = lines.next().expect("server exited").expect("read stdout");
-        if let Some(a) = line.strip_prefix("semcache listening on ") {
-            break a.trim().to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    (child, format!("http://{addr}"))
 }
 
 async fn wait_ready(client: &reqwest::Client, base: &str) {
@@ -177,16 +147,8 @@ async fn store_all(client: &reqwest::Client, base: &str, pairs: Vec<(String, Str
 }
 
 fn main() {
-    let path = std::env::var("SEMCACHE_BENCH_PROMPTS")
-        .unwrap_or_else(|_| "target/bench-prompts.json".into());
-    let prompts: Prompts = match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).expect("prompts file"),
-        Err(e) => {
-            eprintln!(
-                "{path}: {e}; write it with benches/peers/prompts.py (see benches/peers/run.sh)"
-            );
-            return;
-        }
+    let Some(prompts) = common::load_prompts::<Prompts>() else {
+        return;
     };
     let seconds: u64 = std::env::var("SEMCACHE_LOAD_SECONDS")
         .ok()
@@ -202,7 +164,7 @@ fn main() {
     let (mut server, base) = match std::env::var("SEMCACHE_LOAD_URL") {
         Ok(url) => (None, url),
         Err(_) => {
-            let (child, url) = start_server(&tmp.path().join("data"));
+            let (child, url) = common::start_server(&tmp.path().join("data"));
             (Some(child), url)
         }
     };

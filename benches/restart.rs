@@ -17,14 +17,15 @@
 //! directory, so the model's own footprint can be subtracted.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use semcache::cache::prompt_hash;
 use semcache::store::{EntryId, EntryRecord, Store};
+
+mod common;
 
 fn fill(dir: &Path, entries: usize) {
     let store = Store::open(dir).expect("open store");
@@ -109,25 +110,11 @@ struct Start {
 
 /// Starts the server on `dir`, waits for `/readyz` 200, then stops it with SIGTERM.
 fn start(dir: &Path) -> Start {
-    let bin = env!("CARGO_BIN_EXE_semcache");
     let started = Instant::now();
-    let mut child = Command::new(bin)
-        .args(["serve", "--addr", "127.0.0.1:0", "--data-dir"])
-        .arg(dir)
-        .env("SEMCACHE_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start semcache");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("server exited").unwrap();
-        if let Some(a) = line.strip_prefix("semcache listening on ") {
-            break a.trim().to_string();
-        }
-    };
+    let (mut child, base) = common::start_server(dir);
     let client = reqwest::blocking::Client::new();
     loop {
-        if let Ok(r) = client.get(format!("http://{addr}/readyz")).send() {
+        if let Ok(r) = client.get(format!("{base}/readyz")).send() {
             if r.status() == 200 {
                 break;
             }
