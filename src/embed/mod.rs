@@ -11,6 +11,7 @@
 //! small inputs, not its matmuls), so a worker per core serves twice the texts.
 
 pub mod bert;
+pub mod kernels;
 pub mod manifest;
 pub mod provision;
 pub mod tokenize;

@@ -1,0 +1,327 @@
+//! CPU kernels for the embedder's dense layers (x·Wᵀ + b, optionally GELU).
+//!
+//! candle's CPU matmul (the `gemm` crate) packs both operands on every call; for a
+//! sentence embedder the weights never change, so packing them once at load saves that
+//! work (~20% of an embedding, measured with perf) and lets one small AVX2/FMA
+//! micro-kernel stream them. Bias and the exact (erf) GELU are fused into the same pass
+//! so the activation never makes another trip through candle. Everything here runs on
+//! the calling thread: the embedder already runs one worker per core.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
+
+/// Output columns per packed panel: two 8-lane AVX registers.
+const PANEL: usize = 16;
+/// Input rows per micro-tile: 6 × 2 accumulators + 2 weight registers + 1 broadcast
+/// fit the 16 AVX registers.
+const TILE_ROWS: usize = 6;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Identity,
+    /// GELU with the exact erf, as BERT is trained (not the tanh approximation).
+    Gelu,
+}
+
+/// A dense layer with its weights packed for [`PackedLinear::forward`].
+pub struct PackedLinear {
+    in_features: usize,
+    out_features: usize,
+    /// `[panel][k][PANEL]`: column `p·PANEL + j` of Wᵀ at `panels[(p·k + kk)·PANEL + j]`,
+    /// zero past `out_features`.
+    panels: Vec<f32>,
+    /// Bias, zero-padded to whole panels.
+    bias: Vec<f32>,
+    activation: Activation,
+}
+
+/// Whether this CPU runs the packed kernels (x86-64 with AVX2 and FMA).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+impl PackedLinear {
+    /// `weight` is row-major `[out_features][in_features]`, as PyTorch stores it.
+    pub fn new(
+        weight: &[f32],
+        bias: &[f32],
+        out_features: usize,
+        in_features: usize,
+        activation: Activation,
+    ) -> Self {
+        assert_eq!(weight.len(), out_features * in_features);
+        assert_eq!(bias.len(), out_features);
+        let panel_count = out_features.div_ceil(PANEL);
+        let mut panels = vec![0f32; panel_count * in_features * PANEL];
+        for (col, row) in weight.chunks_exact(in_features).enumerate() {
+            let (panel, lane) = (col / PANEL, col % PANEL);
+            for (kk, w) in row.iter().enumerate() {
+                panels[(panel * in_features + kk) * PANEL + lane] = *w;
+            }
+        }
+        let mut padded_bias = vec![0f32; panel_count * PANEL];
+        padded_bias[..out_features].copy_from_slice(bias);
+        Self {
+            in_features,
+            out_features,
+            panels,
+            bias: padded_bias,
+            activation,
+        }
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    /// `out[r] = act(x[r]·Wᵀ + b)` for `rows` rows of `x` (row-major, `in_features` wide).
+    pub fn forward(&self, x: &[f32], rows: usize, out: &mut [f32]) {
+        assert_eq!(x.len(), rows * self.in_features);
+        assert_eq!(out.len(), rows * self.out_features);
+        if rows == 0 {
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if available() {
+            // SAFETY: AVX2 and FMA are present (checked above); slice lengths asserted.
+            unsafe { avx2::matmul(self, x, rows, out) };
+            if self.activation == Activation::Gelu {
+                // SAFETY: as above.
+                unsafe { avx2::gelu_in_place(out) };
+            }
+            return;
+        }
+        self.forward_portable(x, rows, out);
+    }
+
+    /// The same arithmetic without SIMD, for CPUs without AVX2 and as the tests' reference.
+    fn forward_portable(&self, x: &[f32], rows: usize, out: &mut [f32]) {
+        let k = self.in_features;
+        for r in 0..rows {
+            let xr = &x[r * k..(r + 1) * k];
+            for c in 0..self.out_features {
+                let (panel, lane) = (c / PANEL, c % PANEL);
+                let mut sum = self.bias[c];
+                for (kk, xv) in xr.iter().enumerate() {
+                    sum += xv * self.panels[(panel * k + kk) * PANEL + lane];
+                }
+                out[r * self.out_features + c] = match self.activation {
+                    Activation::Identity => sum,
+                    Activation::Gelu => gelu(sum),
+                };
+            }
+        }
+    }
+}
+
+/// Runs the packed layer inside candle's graph (CPU tensors only; other devices use
+/// candle's own matmul).
+impl CustomOp1 for PackedLinear {
+    fn name(&self) -> &'static str {
+        "packed-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("packed-linear: f32 input expected");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("packed-linear: contiguous input expected");
+        };
+        let dims = layout.shape().dims();
+        let Some((&k, leading)) = dims.split_last() else {
+            candle_core::bail!("packed-linear: input has no dimensions");
+        };
+        if k != self.in_features {
+            candle_core::bail!(
+                "packed-linear: input width {k}, layer expects {}",
+                self.in_features
+            );
+        }
+        let rows: usize = leading.iter().product();
+        let mut out = vec![0f32; rows * self.out_features];
+        self.forward(&data[start..end], rows, &mut out);
+        let mut out_dims = leading.to_vec();
+        out_dims.push(self.out_features);
+        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
+    }
+}
+
+/// GELU(x) = x·Φ(x) = ½x(1 + erf(x/√2)).
+#[inline(always)]
+fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// erf as a rational function on [-4, 4] (odd numerator of degree 13 over an even
+/// denominator of degree 8; erf(±4) rounds to ±1 in f32). Absolute error below 5e-7
+/// against libm (tested), and branch-free so the GELU loop vectorises.
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let mut p = x2.mul_add(-2.726_142_3e-10, 2.770_681_4e-8);
+    p = x2.mul_add(p, -2.101_024e-6);
+    p = x2.mul_add(p, -5.692_506_4e-5);
+    p = x2.mul_add(p, -7.349_906_3e-4);
+    p = x2.mul_add(p, -2.954_600_6e-3);
+    p = x2.mul_add(p, -1.609_603_3e-2);
+    p *= x;
+    let mut q = x2.mul_add(-1.456_607_2e-5, -2.133_740_6e-4);
+    q = x2.mul_add(q, -1.682_827e-3);
+    q = x2.mul_add(q, -7.373_329_2e-3);
+    q = x2.mul_add(q, -1.426_474e-2);
+    p / q
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{gelu, PackedLinear, PANEL, TILE_ROWS};
+    use std::arch::x86_64::*;
+
+    /// Panels outermost: one panel (16 columns × k) stays in L1/L2 while every row of
+    /// `x` streams past it, so each weight is read from memory once per call.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn matmul(layer: &PackedLinear, x: &[f32], rows: usize, out: &mut [f32]) {
+        let k = layer.in_features;
+        let n = layer.out_features;
+        for panel in 0..n.div_ceil(PANEL) {
+            let weights = layer.panels.as_ptr().add(panel * k * PANEL);
+            let bias = layer.bias.as_ptr().add(panel * PANEL);
+            let col = panel * PANEL;
+            let cols = PANEL.min(n - col);
+            let mut row = 0;
+            while row < rows {
+                let tile = TILE_ROWS.min(rows - row);
+                let x_tile = x.as_ptr().add(row * k);
+                let out_tile = out.as_mut_ptr().add(row * n + col);
+                match tile {
+                    6 => micro::<6>(x_tile, k, weights, bias, out_tile, n, cols),
+                    5 => micro::<5>(x_tile, k, weights, bias, out_tile, n, cols),
+                    4 => micro::<4>(x_tile, k, weights, bias, out_tile, n, cols),
+                    3 => micro::<3>(x_tile, k, weights, bias, out_tile, n, cols),
+                    2 => micro::<2>(x_tile, k, weights, bias, out_tile, n, cols),
+                    _ => micro::<1>(x_tile, k, weights, bias, out_tile, n, cols),
+                }
+                row += tile;
+            }
+        }
+    }
+
+    /// `R` rows × 16 columns of output, accumulated over all of k in registers.
+    #[inline(always)]
+    unsafe fn micro<const R: usize>(
+        x: *const f32,
+        k: usize,
+        weights: *const f32,
+        bias: *const f32,
+        out: *mut f32,
+        out_stride: usize,
+        cols: usize,
+    ) {
+        let b0 = _mm256_loadu_ps(bias);
+        let b1 = _mm256_loadu_ps(bias.add(8));
+        let mut acc = [[b0, b1]; R];
+        for kk in 0..k {
+            let w0 = _mm256_loadu_ps(weights.add(kk * PANEL));
+            let w1 = _mm256_loadu_ps(weights.add(kk * PANEL + 8));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let a = _mm256_broadcast_ss(&*x.add(r * k + kk));
+                acc[0] = _mm256_fmadd_ps(a, w0, acc[0]);
+                acc[1] = _mm256_fmadd_ps(a, w1, acc[1]);
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            let dst = out.add(r * out_stride);
+            if cols == PANEL {
+                _mm256_storeu_ps(dst, acc[0]);
+                _mm256_storeu_ps(dst.add(8), acc[1]);
+            } else {
+                let mut lanes = [0f32; PANEL];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), acc[0]);
+                _mm256_storeu_ps(lanes.as_mut_ptr().add(8), acc[1]);
+                std::ptr::copy_nonoverlapping(lanes.as_ptr(), dst, cols);
+            }
+        }
+    }
+
+    /// The scalar GELU, compiled with AVX2/FMA so the loop vectorises.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn gelu_in_place(values: &mut [f32]) {
+        for v in values.iter_mut() {
+            *v = gelu(*v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn erf_matches_libm() {
+        let mut worst = 0f64;
+        for i in -60_000..=60_000 {
+            let x = i as f32 * 1e-4;
+            let err = (erf(x) as f64 - libm::erf(x as f64)).abs();
+            worst = worst.max(err);
+        }
+        assert!(worst < 5e-7, "worst erf error {worst}");
+    }
+
+    #[test]
+    fn packed_layer_matches_the_plain_product() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        // Widths that are and are not whole panels, row counts around the tile size.
+        for (out_features, in_features) in [(48, 40), (37, 19), (16, 1), (5, 7)] {
+            let weight: Vec<f32> = (0..out_features * in_features)
+                .map(|_| rng.gen_range(-1.0..1.0))
+                .collect();
+            let bias: Vec<f32> = (0..out_features)
+                .map(|_| rng.gen_range(-1.0..1.0))
+                .collect();
+            for activation in [Activation::Identity, Activation::Gelu] {
+                let layer =
+                    PackedLinear::new(&weight, &bias, out_features, in_features, activation);
+                for rows in [1, 5, 6, 7, 13] {
+                    let x: Vec<f32> = (0..rows * in_features)
+                        .map(|_| rng.gen_range(-1.0..1.0))
+                        .collect();
+                    let mut got = vec![0f32; rows * out_features];
+                    layer.forward(&x, rows, &mut got);
+                    for r in 0..rows {
+                        for c in 0..out_features {
+                            let mut sum = bias[c] as f64;
+                            for kk in 0..in_features {
+                                sum += x[r * in_features + kk] as f64
+                                    * weight[c * in_features + kk] as f64;
+                            }
+                            let want = match activation {
+                                Activation::Identity => sum,
+                                Activation::Gelu => {
+                                    0.5 * sum * (1.0 + libm::erf(sum / std::f64::consts::SQRT_2))
+                                }
+                            };
+                            let got = got[r * out_features + c] as f64;
+                            assert!(
+                                (got - want).abs() < 1e-4,
+                                "{out_features}x{in_features} {activation:?} rows {rows}: [{r},{c}] {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
