@@ -4,8 +4,15 @@
 //! sentence embedder the weights never change, so packing them once at load saves that
 //! work (~20% of an embedding, measured with perf) and lets one small AVX2/FMA
 //! micro-kernel stream them. Bias and the exact (erf) GELU are fused into the same pass
-//! so the activation never makes another trip through candle. Everything here runs on
-//! the calling thread: the embedder already runs one worker per core.
+//! so the activation never makes another trip through candle.
+//!
+//! The embedder runs one worker per core. A layer is split across the cores that no
+//! worker is using at that moment (see [`busy`]): a lone request gets every core, a
+//! saturated server runs one layer per core with no hand-offs.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 
@@ -32,6 +39,73 @@ pub struct PackedLinear {
     /// Bias, zero-padded to whole panels.
     bias: Vec<f32>,
     activation: Activation,
+}
+
+/// Below this many multiply-adds a layer is not worth handing to other threads.
+const PARALLEL_MIN_WORK: usize = 1 << 20;
+
+/// Inference workers currently inside a batch.
+static BUSY_WORKERS: AtomicUsize = AtomicUsize::new(0);
+
+/// Marks the calling worker busy until dropped; see [`busy`].
+pub struct BusyWorker(());
+
+/// Call around each batch an inference worker runs, so layers are only split across
+/// cores that no other worker is using.
+pub fn busy() -> BusyWorker {
+    BUSY_WORKERS.fetch_add(1, Ordering::SeqCst);
+    BusyWorker(())
+}
+
+impl Drop for BusyWorker {
+    fn drop(&mut self) {
+        BUSY_WORKERS.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn cores() -> usize {
+    static CORES: OnceLock<usize> = OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Threads that run the other parts of a split layer (none on a single core).
+fn helper_pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        if cores() < 2 {
+            return None;
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(cores() - 1)
+            .thread_name(|n| format!("semcache-kernel-{n}"))
+            .build()
+            .ok()
+    })
+    .as_ref()
+}
+
+/// How many parts to split a layer of `work` multiply-adds into: one per idle core,
+/// counting the caller's own.
+fn parts_for(work: usize, panels: usize) -> usize {
+    if work < PARALLEL_MIN_WORK {
+        return 1;
+    }
+    let busy = BUSY_WORKERS.load(Ordering::SeqCst).max(1);
+    (cores().saturating_sub(busy) + 1).min(panels).max(1)
+}
+
+/// An output buffer shared by the parts of one layer, each writing its own columns.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: the parts write disjoint column ranges of the buffer, and the caller waits for
+// all of them before the buffer is used again.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
 }
 
 /// Whether this CPU runs the packed kernels (x86-64 with AVX2 and FMA).
@@ -89,15 +163,33 @@ impl PackedLinear {
         }
         #[cfg(target_arch = "x86_64")]
         if available() {
-            // SAFETY: AVX2 and FMA are present (checked above); slice lengths asserted.
-            unsafe { avx2::matmul(self, x, rows, out) };
-            if self.activation == Activation::Gelu {
-                // SAFETY: as above.
-                unsafe { avx2::gelu_in_place(out) };
+            let panels = self.out_features.div_ceil(PANEL);
+            let parts = parts_for(rows * self.in_features * self.out_features, panels);
+            let shared = SharedOut(out.as_mut_ptr());
+            let part = |i: usize| {
+                let range = panels * i / parts..panels * (i + 1) / parts;
+                // SAFETY: AVX2 and FMA are present (checked above); slice lengths were
+                // asserted, and each part writes only the columns of its own panels.
+                unsafe { avx2::matmul(self, x, rows, shared.get(), range) };
+            };
+            match helper_pool() {
+                // The caller computes the first part while helpers take the others.
+                Some(pool) if parts > 1 => pool.in_place_scope(|scope| {
+                    for i in 1..parts {
+                        scope.spawn(move |_| part(i));
+                    }
+                    part(0);
+                }),
+                _ => part(0),
             }
             return;
         }
         self.forward_portable(x, rows, out);
+    }
+
+    /// Columns of the output that `panels` cover.
+    fn columns(&self, panels: Range<usize>) -> Range<usize> {
+        (panels.start * PANEL).min(self.out_features)..(panels.end * PANEL).min(self.out_features)
     }
 
     /// The same arithmetic without SIMD, for CPUs without AVX2 and as the tests' reference.
@@ -186,16 +278,26 @@ fn erf(x: f32) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{gelu, PackedLinear, PANEL, TILE_ROWS};
+    use super::{gelu, Activation, PackedLinear, PANEL, TILE_ROWS};
     use std::arch::x86_64::*;
+    use std::ops::Range;
 
+    /// The output columns of `panels` for every row, then the activation on them.
     /// Panels outermost: one panel (16 columns × k) stays in L1/L2 while every row of
     /// `x` streams past it, so each weight is read from memory once per call.
+    ///
+    /// `out` must hold `rows × out_features` values.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn matmul(layer: &PackedLinear, x: &[f32], rows: usize, out: &mut [f32]) {
+    pub unsafe fn matmul(
+        layer: &PackedLinear,
+        x: &[f32],
+        rows: usize,
+        out: *mut f32,
+        panels: Range<usize>,
+    ) {
         let k = layer.in_features;
         let n = layer.out_features;
-        for panel in 0..n.div_ceil(PANEL) {
+        for panel in panels.clone() {
             let weights = layer.panels.as_ptr().add(panel * k * PANEL);
             let bias = layer.bias.as_ptr().add(panel * PANEL);
             let col = panel * PANEL;
@@ -204,7 +306,7 @@ mod avx2 {
             while row < rows {
                 let tile = TILE_ROWS.min(rows - row);
                 let x_tile = x.as_ptr().add(row * k);
-                let out_tile = out.as_mut_ptr().add(row * n + col);
+                let out_tile = out.add(row * n + col);
                 match tile {
                     6 => micro::<6>(x_tile, k, weights, bias, out_tile, n, cols),
                     5 => micro::<5>(x_tile, k, weights, bias, out_tile, n, cols),
@@ -214,6 +316,15 @@ mod avx2 {
                     _ => micro::<1>(x_tile, k, weights, bias, out_tile, n, cols),
                 }
                 row += tile;
+            }
+        }
+        if layer.activation == Activation::Gelu {
+            let columns = layer.columns(panels);
+            for row in 0..rows {
+                let values = std::slice::from_raw_parts_mut(out.add(row * n + columns.start), columns.len());
+                for v in values {
+                    *v = gelu(*v);
+                }
             }
         }
     }
@@ -252,14 +363,6 @@ mod avx2 {
                 _mm256_storeu_ps(lanes.as_mut_ptr().add(8), acc[1]);
                 std::ptr::copy_nonoverlapping(lanes.as_ptr(), dst, cols);
             }
-        }
-    }
-
-    /// The scalar GELU, compiled with AVX2/FMA so the loop vectorises.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn gelu_in_place(values: &mut [f32]) {
-        for v in values.iter_mut() {
-            *v = gelu(*v);
         }
     }
 }

@@ -246,6 +246,8 @@ struct Worker {
 impl Worker {
     fn run(&self, pool: &rayon::ThreadPool) {
         while let Some(jobs) = self.take_share() {
+            // While this worker computes, the kernels leave its core to it.
+            let _busy = kernels::busy();
             // Callers that gave up (client gone) cost nothing.
             let mut ready: Vec<(Job, TokenizedText)> = Vec::with_capacity(jobs.len());
             for job in jobs.into_iter().filter(|j| !j.reply.is_closed()) {
