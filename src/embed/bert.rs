@@ -44,7 +44,9 @@ impl BertConfig {
                 return Err(format!("position_embedding_type {kind:?} is not supported"));
             }
         }
-        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return Err(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
@@ -315,21 +317,23 @@ impl Dense {
         activation: Activation,
         packed: bool,
     ) -> candle_core::Result<Self> {
-        if !packed {
-            return Ok(Self::Candle {
-                weight,
-                bias,
+        if packed {
+            let (outputs, inputs) = weight.dims2()?;
+            if let Some(layer) = PackedLinear::new(
+                &weight.flatten_all()?.to_vec1::<f32>()?,
+                &bias.to_vec1::<f32>()?,
+                outputs,
+                inputs,
                 activation,
-            });
+            ) {
+                return Ok(Self::Packed(layer));
+            }
         }
-        let (outputs, inputs) = weight.dims2()?;
-        Ok(Self::Packed(PackedLinear::new(
-            &weight.flatten_all()?.to_vec1::<f32>()?,
-            &bias.to_vec1::<f32>()?,
-            outputs,
-            inputs,
+        Ok(Self::Candle {
+            weight,
+            bias,
             activation,
-        )))
+        })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
