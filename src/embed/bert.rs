@@ -173,13 +173,16 @@ impl BertBackend {
         let mut hidden = self.embeddings_norm.forward(&embedded)?;
         // Padding positions get the most negative score before the softmax, so they
         // receive no attention; a batch without padding skips the addition.
-        let attention_bias = if padded {
-            Some(((1.0 - &mask)? * f64::from(f32::MIN))?.reshape((n, 1, 1, max_len))?)
-        } else {
-            None
+        let padding = Padding {
+            bias: if padded {
+                Some(((1.0 - &mask)? * f64::from(f32::MIN))?.reshape((n, 1, 1, max_len))?)
+            } else {
+                None
+            },
+            lengths: batch.iter().map(|t| t.ids.len()).collect(),
         };
         for layer in &self.layers {
-            hidden = layer.forward(&hidden, attention_bias.as_ref(), self.heads)?;
+            hidden = layer.forward(&hidden, &padding, self.heads)?;
         }
 
         // Mean pooling over real tokens, then L2 normalisation (sentence-transformers).
@@ -198,6 +201,15 @@ impl BertBackend {
     }
 }
 
+/// Where each text of a batch ends.
+struct Padding {
+    /// Added to attention scores (candle path): the most negative f32 at padding keys,
+    /// so they receive no attention. `None` when no text is padded.
+    bias: Option<Tensor>,
+    /// Real tokens per text (fused attention kernel).
+    lengths: Vec<usize>,
+}
+
 /// One transformer block: self-attention, then the feed-forward layers, each followed by
 /// a residual connection and layer norm.
 struct EncoderLayer {
@@ -208,6 +220,8 @@ struct EncoderLayer {
     intermediate: Dense,
     output: Dense,
     output_norm: LayerNorm,
+    /// Attention as one CPU kernel ([`kernels::Attention`]) rather than candle ops.
+    fused_attention: bool,
 }
 
 impl EncoderLayer {
@@ -260,36 +274,25 @@ impl EncoderLayer {
                 Activation::Identity,
             )?,
             output_norm: norm(vb.pp("output.LayerNorm"))?,
+            fused_attention: packed,
         })
     }
 
     fn forward(
         &self,
         hidden: &Tensor,
-        attention_bias: Option<&Tensor>,
+        padding: &Padding,
         heads: usize,
     ) -> candle_core::Result<Tensor> {
-        let (n, seq, width) = hidden.dims3()?;
-        let head_size = width / heads;
-        // (n, seq, 3·width) → three (n, heads, seq, head_size) tensors.
-        let qkv = self
-            .qkv
-            .forward(hidden)?
-            .reshape((n, seq, 3, heads, head_size))?
-            .permute((2, 0, 3, 1, 4))?;
-        let query = qkv.get(0)?.contiguous()?;
-        let key = qkv.get(1)?.contiguous()?;
-        let value = qkv.get(2)?.contiguous()?;
-        let mut scores = query.matmul(&key.t()?)?;
-        if let Some(bias) = attention_bias {
-            scores = scores.broadcast_add(bias)?;
-        }
-        let probabilities = candle_nn::ops::softmax_last_dim(&scores)?;
-        let context = probabilities
-            .matmul(&value)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((n, seq, width))?;
+        let qkv = self.qkv.forward(hidden)?;
+        let context = if self.fused_attention {
+            qkv.apply_op1_no_bwd(&kernels::Attention {
+                heads,
+                lengths: padding.lengths.clone(),
+            })?
+        } else {
+            attention(&qkv, padding.bias.as_ref(), heads)?
+        };
         let attended = self
             .attention_norm
             .forward(&(self.attention_out.forward(&context)? + hidden)?)?;
@@ -297,6 +300,30 @@ impl EncoderLayer {
         self.output_norm
             .forward(&(self.output.forward(&inner)? + &attended)?)
     }
+}
+
+/// Self-attention with candle ops: `(n, seq, 3·width)` fused Q/K/V in, `(n, seq, width)`
+/// out.
+fn attention(qkv: &Tensor, bias: Option<&Tensor>, heads: usize) -> candle_core::Result<Tensor> {
+    let (n, seq, fused) = qkv.dims3()?;
+    let width = fused / 3;
+    // (n, seq, 3·width) → three (n, heads, seq, head_size) tensors.
+    let qkv = qkv
+        .reshape((n, seq, 3, heads, width / heads))?
+        .permute((2, 0, 3, 1, 4))?;
+    let query = qkv.get(0)?.contiguous()?;
+    let key = qkv.get(1)?.contiguous()?;
+    let value = qkv.get(2)?.contiguous()?;
+    let mut scores = query.matmul(&key.t()?)?;
+    if let Some(bias) = bias {
+        scores = scores.broadcast_add(bias)?;
+    }
+    let probabilities = candle_nn::ops::softmax_last_dim(&scores)?;
+    probabilities
+        .matmul(&value)?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((n, seq, width))
 }
 
 /// A dense layer `x·Wᵀ + b` (then the activation): packed on CPU, a candle matmul

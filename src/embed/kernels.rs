@@ -113,6 +113,21 @@ impl SharedOut {
     }
 }
 
+/// Runs `part(0)`…`part(parts - 1)`: the caller computes the first while helper
+/// threads take the others.
+fn run_parts(parts: usize, part: impl Fn(usize) + Sync) {
+    match helper_pool() {
+        Some(pool) if parts > 1 => pool.in_place_scope(|scope| {
+            let part = &part;
+            for i in 1..parts {
+                scope.spawn(move |_| part(i));
+            }
+            part(0);
+        }),
+        _ => (0..parts).for_each(part),
+    }
+}
+
 /// Whether this CPU runs the packed kernels (x86-64 with AVX2, FMA and F16C).
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -184,16 +199,7 @@ impl PackedLinear {
                 // asserted, and each part writes only the columns of its own panels.
                 unsafe { avx2::matmul(self, x, rows, shared.get(), range) };
             };
-            match helper_pool() {
-                // The caller computes the first part while helpers take the others.
-                Some(pool) if parts > 1 => pool.in_place_scope(|scope| {
-                    for i in 1..parts {
-                        scope.spawn(move |_| part(i));
-                    }
-                    part(0);
-                }),
-                _ => part(0),
-            }
+            run_parts(parts, part);
             return;
         }
         self.forward_portable(x, rows, out);
@@ -263,6 +269,173 @@ impl CustomOp1 for PackedLinear {
     }
 }
 
+/// Multi-head self-attention over the fused Q/K/V projection of a batch padded at the
+/// end: `(n, seq, 3·width)` in, `(n, seq, width)` out, heads side by side as the output
+/// layer expects them. Q must be pre-scaled by 1/√head_size. One pass per head and text:
+/// scores, softmax and the weighted sum of values without materialising the score
+/// tensor or transposing Q, K and V (candle needs ~10 ops and 4 copies for the same).
+/// Padding rows of the output are left zero: they are never keys, and pooling drops them.
+pub struct Attention {
+    pub heads: usize,
+    /// Real tokens of each text; keys past them are padding.
+    pub lengths: Vec<usize>,
+}
+
+impl CustomOp1 for Attention {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("attention: f32 input expected");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("attention: contiguous input expected");
+        };
+        let (n, seq, fused) = layout.shape().dims3()?;
+        let width = fused / 3;
+        if fused % 3 != 0 || self.heads == 0 || width % self.heads != 0 {
+            candle_core::bail!(
+                "attention: width {fused} does not split into Q, K, V of {} heads",
+                self.heads
+            );
+        }
+        if self.lengths.len() != n || self.lengths.iter().any(|&len| len > seq) {
+            candle_core::bail!(
+                "attention: lengths {:?} do not fit ({n}, {seq})",
+                self.lengths
+            );
+        }
+        let mut out = vec![0f32; n * seq * width];
+        attention(
+            &data[start..end],
+            seq,
+            width,
+            self.heads,
+            &self.lengths,
+            &mut out,
+        );
+        Ok((CpuStorage::F32(out), Shape::from((n, seq, width))))
+    }
+}
+
+fn attention(
+    qkv: &[f32],
+    seq: usize,
+    width: usize,
+    heads: usize,
+    lengths: &[usize],
+    out: &mut [f32],
+) {
+    let head_size = width / heads;
+    let jobs = lengths.len() * heads;
+    let work: usize = lengths.iter().map(|len| len * len * width * 2).sum();
+    let parts = parts_for(work, jobs);
+    let shared = SharedOut(out.as_mut_ptr());
+    run_parts(parts, |part| {
+        for job in jobs * part / parts..jobs * (part + 1) / parts {
+            let (text, head) = (job / heads, job % heads);
+            let rows = &qkv[text * seq * 3 * width..(text + 1) * seq * 3 * width];
+            // SAFETY: each job writes only its own head's columns of its own text's rows.
+            let out = unsafe {
+                std::slice::from_raw_parts_mut(shared.get().add(text * seq * width), seq * width)
+            };
+            one_head(rows, width, head * head_size, head_size, lengths[text], out);
+        }
+    });
+}
+
+/// Attention of one head of one text. `rows`: the text's `seq` rows of Q|K|V; the head's
+/// columns start at `column` in each of the three.
+fn one_head(
+    rows: &[f32],
+    width: usize,
+    column: usize,
+    head_size: usize,
+    len: usize,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: AVX2 and FMA are present.
+        return unsafe { avx2::one_head(rows, width, column, head_size, len, out) };
+    }
+    one_head_portable(rows, width, column, head_size, len, out);
+}
+
+#[inline(always)]
+fn one_head_portable(
+    rows: &[f32],
+    width: usize,
+    column: usize,
+    head_size: usize,
+    len: usize,
+    out: &mut [f32],
+) {
+    let stride = 3 * width;
+    let mut scores = vec![0f32; len];
+    for i in 0..len {
+        let q = &rows[i * stride + column..][..head_size];
+        for (j, score) in scores.iter_mut().enumerate() {
+            let k = &rows[j * stride + width + column..][..head_size];
+            *score = dot(q, k);
+        }
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        for score in scores.iter_mut() {
+            *score = exp(*score - max);
+            sum += *score;
+        }
+        let o = &mut out[i * width + column..][..head_size];
+        o.fill(0.0);
+        for (j, score) in scores.iter().enumerate() {
+            let v = &rows[j * stride + 2 * width + column..][..head_size];
+            let p = score / sum;
+            for (o, v) in o.iter_mut().zip(v) {
+                *o = p.mul_add(*v, *o);
+            }
+        }
+    }
+}
+
+/// A dot product in eight independent lanes, so it vectorises.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (a8, a_rest) = a.split_at(a.len() / 8 * 8);
+    let (b8, b_rest) = b.split_at(a8.len());
+    for (a, b) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
+        for l in 0..8 {
+            lanes[l] = a[l].mul_add(b[l], lanes[l]);
+        }
+    }
+    let tail: f32 = a_rest.iter().zip(b_rest).map(|(a, b)| a * b).sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// eˣ for x ≤ 0 (softmax after subtracting the maximum): Cody–Waite range reduction to
+/// x = n·ln2 + r, a degree-6 polynomial for eʳ (Cephes' expf, ~1 ulp), and 2ⁿ built in
+/// the exponent bits. Branch-free so softmax loops vectorise.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    let x = x.max(-87.0);
+    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = n.mul_add(-0.693_359_4, x);
+    let r = n.mul_add(2.121_944_4e-4, r);
+    let mut p = r.mul_add(1.987_569_1e-4, 1.398_2e-3);
+    p = r.mul_add(p, 8.333_452e-3);
+    p = r.mul_add(p, 4.166_579_6e-2);
+    p = r.mul_add(p, 1.666_666_5e-1);
+    p = r.mul_add(p, 0.5);
+    let e = (r * r).mul_add(p, r) + 1.0;
+    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
 /// GELU(x) = x·Φ(x) = ½x(1 + erf(x/√2)).
 #[inline(always)]
 fn gelu(x: f32) -> f32 {
@@ -292,7 +465,7 @@ fn erf(x: f32) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{gelu, Activation, PackedLinear, PANEL, TILE_ROWS};
+    use super::{gelu, one_head_portable, Activation, PackedLinear, PANEL, TILE_ROWS};
     use std::arch::x86_64::*;
     use std::ops::Range;
 
@@ -344,6 +517,20 @@ mod avx2 {
         }
     }
 
+    /// The portable attention loop, compiled with AVX2/FMA so its dot products, exps and
+    /// value sums vectorise.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn one_head(
+        rows: &[f32],
+        width: usize,
+        column: usize,
+        head_size: usize,
+        len: usize,
+        out: &mut [f32],
+    ) {
+        one_head_portable(rows, width, column, head_size, len, out)
+    }
+
     /// `R` rows × 16 columns of output, accumulated over all of k in registers.
     #[inline(always)]
     unsafe fn micro<const R: usize>(
@@ -388,6 +575,62 @@ mod avx2 {
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn exp_matches_std() {
+        let mut worst = 0f32;
+        for i in 0..=86_000 {
+            // Down to -86: below -87 the input is clamped (e⁻⁸⁷ ≈ 1.6e-38 is zero weight).
+            let x = -(i as f32) * 1e-3;
+            let want = x.exp();
+            worst = worst.max((exp(x) - want).abs() / want);
+        }
+        assert!(worst < 5e-7, "worst relative exp error {worst}");
+    }
+
+    #[test]
+    fn attention_matches_the_textbook_formula() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        let (seq, heads, head_size) = (7, 3, 10);
+        let width = heads * head_size;
+        let lengths = [7, 4];
+        let qkv: Vec<f32> = (0..2 * seq * 3 * width)
+            .map(|_| rng.gen_range(-1.0..1.0))
+            .collect();
+        let mut out = vec![0f32; 2 * seq * width];
+        attention(&qkv, seq, width, heads, &lengths, &mut out);
+        let at = |t: usize, i: usize, part: usize, c: usize| {
+            qkv[(t * seq + i) * 3 * width + part * width + c] as f64
+        };
+        for (t, &len) in lengths.iter().enumerate() {
+            for h in 0..heads {
+                for i in 0..seq {
+                    let cols = h * head_size..(h + 1) * head_size;
+                    let got: Vec<f64> = cols
+                        .clone()
+                        .map(|c| out[(t * seq + i) * width + c] as f64)
+                        .collect();
+                    if i >= len {
+                        assert!(got.iter().all(|v| *v == 0.0), "padding row {i} written");
+                        continue;
+                    }
+                    let scores: Vec<f64> = (0..len)
+                        .map(|j| cols.clone().map(|c| at(t, i, 0, c) * at(t, j, 1, c)).sum())
+                        .collect();
+                    let max = scores.iter().copied().fold(f64::MIN, f64::max);
+                    let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let total: f64 = weights.iter().sum();
+                    for (g, c) in got.iter().zip(cols.clone()) {
+                        let want: f64 = (0..len).map(|j| weights[j] / total * at(t, j, 2, c)).sum();
+                        assert!(
+                            (g - want).abs() < 1e-5,
+                            "text {t} head {h} row {i}: {g} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn weights_beyond_f16_are_not_packed() {

@@ -6,9 +6,10 @@
 //! [`EmbedError::QueueFull`] so the HTTP edge can shed load instead of queueing without
 //! bound.
 //!
-//! On CPU each worker runs candle on its own one-thread pool: measured on 2 cores, a
-//! single text is no slower on one thread than on two (candle's per-op cost dominates
-//! small inputs, not its matmuls), so a worker per core serves twice the texts.
+//! On CPU there is a worker per core, each running candle on its own one-thread pool;
+//! the model's dense layers and attention are our own kernels ([`kernels`]), which
+//! split a layer across the cores no other worker is using: a lone request gets every
+//! core, a saturated server runs one batch per core without hand-offs.
 
 pub mod bert;
 pub mod kernels;
