@@ -378,44 +378,81 @@ fn one_head_portable(
     out: &mut [f32],
 ) {
     let stride = 3 * width;
+    // The head's keys transposed (head_size × len), so each query's scores are a sum of
+    // scaled key rows: vector operations along the keys, no horizontal sums.
+    let mut keys = vec![0f32; head_size * len];
+    for j in 0..len {
+        let k = &rows[j * stride + width + column..][..head_size];
+        for (c, value) in k.iter().enumerate() {
+            keys[c * len + j] = *value;
+        }
+    }
     let mut scores = vec![0f32; len];
     for i in 0..len {
         let q = &rows[i * stride + column..][..head_size];
-        for (j, score) in scores.iter_mut().enumerate() {
-            let k = &rows[j * stride + width + column..][..head_size];
-            *score = dot(q, k);
+        scores.fill(0.0);
+        for (c, qc) in q.iter().enumerate() {
+            for (score, k) in scores.iter_mut().zip(&keys[c * len..][..len]) {
+                *score = qc.mul_add(*k, *score);
+            }
         }
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0;
+        let max = lanes(&scores, f32::NEG_INFINITY, f32::max);
         for score in scores.iter_mut() {
             *score = exp(*score - max);
-            sum += *score;
         }
+        let scale = 1.0 / lanes(&scores, 0.0, |a, b| a + b);
         let o = &mut out[i * width + column..][..head_size];
-        o.fill(0.0);
-        for (j, score) in scores.iter().enumerate() {
-            let v = &rows[j * stride + 2 * width + column..][..head_size];
-            let p = score / sum;
-            for (o, v) in o.iter_mut().zip(v) {
-                *o = p.mul_add(*v, *o);
+        let values = |j: usize| &rows[j * stride + 2 * width + column..][..head_size];
+        match head_size {
+            // MiniLM's and BERT-base's head sizes: the sum stays in registers.
+            32 => weighted_sum::<32>(&scores, scale, values, o),
+            64 => weighted_sum::<64>(&scores, scale, values, o),
+            _ => {
+                o.fill(0.0);
+                for (j, score) in scores.iter().enumerate() {
+                    let p = score * scale;
+                    for (o, v) in o.iter_mut().zip(values(j)) {
+                        *o = p.mul_add(*v, *o);
+                    }
+                }
             }
         }
     }
 }
 
-/// A dot product in eight independent lanes, so it vectorises.
+/// `out = scale · Σⱼ weights[j] · values(j)` with the sum in a fixed-size local array.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (a8, a_rest) = a.split_at(a.len() / 8 * 8);
-    let (b8, b_rest) = b.split_at(a8.len());
-    for (a, b) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
-        for l in 0..8 {
-            lanes[l] = a[l].mul_add(b[l], lanes[l]);
+fn weighted_sum<'a, const D: usize>(
+    weights: &[f32],
+    scale: f32,
+    values: impl Fn(usize) -> &'a [f32],
+    out: &mut [f32],
+) {
+    let mut sum = [0f32; D];
+    for (j, w) in weights.iter().enumerate() {
+        let v: &[f32; D] = values(j).try_into().expect("head size");
+        for c in 0..D {
+            sum[c] = w.mul_add(v[c], sum[c]);
         }
     }
-    let tail: f32 = a_rest.iter().zip(b_rest).map(|(a, b)| a * b).sum();
-    lanes.iter().sum::<f32>() + tail
+    for (o, s) in out.iter_mut().zip(sum) {
+        *o = s * scale;
+    }
+}
+
+/// Folds `values` with `f` in eight independent lanes, so the loop vectorises (a plain
+/// fold is one sequential chain of dependent operations).
+#[inline(always)]
+fn lanes(values: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [init; 8];
+    let chunks = values.chunks_exact(8);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for l in 0..8 {
+            acc[l] = f(acc[l], chunk[l]);
+        }
+    }
+    rest.iter().chain(&acc).fold(init, |a, b| f(a, *b))
 }
 
 /// eˣ for x ≤ 0 (softmax after subtracting the maximum): Cody–Waite range reduction to
@@ -590,8 +627,15 @@ mod tests {
 
     #[test]
     fn attention_matches_the_textbook_formula() {
+        // A generic head size and the register-resident one (32).
+        for head_size in [10, 32] {
+            check_attention(head_size);
+        }
+    }
+
+    fn check_attention(head_size: usize) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(4);
-        let (seq, heads, head_size) = (7, 3, 10);
+        let (seq, heads) = (7, 3);
         let width = heads * head_size;
         let lengths = [7, 4];
         let qkv: Vec<f32> = (0..2 * seq * 3 * width)
