@@ -362,7 +362,7 @@ fn one_head(
 ) {
     #[cfg(target_arch = "x86_64")]
     if available() {
-        // SAFETY: AVX2 and FMA are present.
+        // SAFETY: AVX2, FMA and F16C are present; `rows` holds `len` rows of Q|K|V.
         return unsafe { avx2::one_head(rows, width, column, head_size, len, out) };
     }
     one_head_portable(rows, width, column, head_size, len, out);
@@ -396,21 +396,17 @@ fn one_head_portable(
                 *score = qc.mul_add(*k, *score);
             }
         }
-        let max = lanes(&scores, f32::NEG_INFINITY, f32::max);
-        for score in scores.iter_mut() {
-            *score = exp(*score - max);
-        }
-        let scale = 1.0 / lanes(&scores, 0.0, |a, b| a + b);
+        softmax_in_place(&mut scores);
         let o = &mut out[i * width + column..][..head_size];
         let values = |j: usize| &rows[j * stride + 2 * width + column..][..head_size];
         match head_size {
             // MiniLM's and BERT-base's head sizes: the sum stays in registers.
-            32 => weighted_sum::<32>(&scores, scale, values, o),
-            64 => weighted_sum::<64>(&scores, scale, values, o),
+            32 => weighted_sum::<32>(&scores, values, o),
+            64 => weighted_sum::<64>(&scores, values, o),
             _ => {
                 o.fill(0.0);
                 for (j, score) in scores.iter().enumerate() {
-                    let p = score * scale;
+                    let p = *score;
                     for (o, v) in o.iter_mut().zip(values(j)) {
                         *o = p.mul_add(*v, *o);
                     }
@@ -420,11 +416,10 @@ fn one_head_portable(
     }
 }
 
-/// `out = scale · Σⱼ weights[j] · values(j)` with the sum in a fixed-size local array.
+/// `out = Σⱼ weights[j] · values(j)` with the sum in a fixed-size local array.
 #[inline(always)]
 fn weighted_sum<'a, const D: usize>(
     weights: &[f32],
-    scale: f32,
     values: impl Fn(usize) -> &'a [f32],
     out: &mut [f32],
 ) {
@@ -435,8 +430,19 @@ fn weighted_sum<'a, const D: usize>(
             sum[c] = w.mul_add(v[c], sum[c]);
         }
     }
-    for (o, s) in out.iter_mut().zip(sum) {
-        *o = s * scale;
+    out.copy_from_slice(&sum);
+}
+
+/// Softmax of one row of scores, in place.
+#[inline(always)]
+fn softmax_in_place(scores: &mut [f32]) {
+    let max = lanes(scores, f32::NEG_INFINITY, f32::max);
+    for score in scores.iter_mut() {
+        *score = exp(*score - max);
+    }
+    let scale = 1.0 / lanes(scores, 0.0, |a, b| a + b);
+    for score in scores.iter_mut() {
+        *score *= scale;
     }
 }
 
@@ -502,7 +508,7 @@ fn erf(x: f32) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{gelu, one_head_portable, Activation, PackedLinear, PANEL, TILE_ROWS};
+    use super::{gelu, softmax_in_place, Activation, PackedLinear, PANEL, TILE_ROWS};
     use std::arch::x86_64::*;
     use std::ops::Range;
 
@@ -526,21 +532,17 @@ mod avx2 {
             let bias = layer.bias.as_ptr().add(panel * PANEL);
             let col = panel * PANEL;
             let cols = PANEL.min(n - col);
-            let mut row = 0;
-            while row < rows {
-                let tile = TILE_ROWS.min(rows - row);
-                let x_tile = x.as_ptr().add(row * k);
-                let out_tile = out.add(row * n + col);
-                match tile {
-                    6 => micro::<6>(x_tile, k, weights, bias, out_tile, n, cols),
-                    5 => micro::<5>(x_tile, k, weights, bias, out_tile, n, cols),
-                    4 => micro::<4>(x_tile, k, weights, bias, out_tile, n, cols),
-                    3 => micro::<3>(x_tile, k, weights, bias, out_tile, n, cols),
-                    2 => micro::<2>(x_tile, k, weights, bias, out_tile, n, cols),
-                    _ => micro::<1>(x_tile, k, weights, bias, out_tile, n, cols),
-                }
-                row += tile;
-            }
+            panel_rows::<true>(
+                x.as_ptr(),
+                k,
+                rows,
+                k,
+                weights as *const u8,
+                bias,
+                out.add(col),
+                n,
+                cols,
+            );
         }
         if layer.activation == Activation::Gelu {
             let columns = layer.columns(panels);
@@ -554,26 +556,15 @@ mod avx2 {
         }
     }
 
-    /// The portable attention loop, compiled with AVX2/FMA so its dot products, exps and
-    /// value sums vectorise.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn one_head(
-        rows: &[f32],
-        width: usize,
-        column: usize,
-        head_size: usize,
-        len: usize,
-        out: &mut [f32],
-    ) {
-        one_head_portable(rows, width, column, head_size, len, out)
-    }
-
-    /// `R` rows × 16 columns of output, accumulated over all of k in registers.
+    /// `R` rows × 16 columns of output, accumulated over all of k in registers. Row `r` of
+    /// `x` starts at `x + r·x_stride`; `weights` is one panel, f16 bits when `HALF`.
     #[inline(always)]
-    unsafe fn micro<const R: usize>(
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn micro<const R: usize, const HALF: bool>(
         x: *const f32,
+        x_stride: usize,
         k: usize,
-        weights: *const u16,
+        weights: *const u8,
         bias: *const f32,
         out: *mut f32,
         out_stride: usize,
@@ -583,12 +574,18 @@ mod avx2 {
         let b1 = _mm256_loadu_ps(bias.add(8));
         let mut acc = [[b0, b1]; R];
         for kk in 0..k {
-            let w0 = _mm256_cvtph_ps(_mm_loadu_si128(weights.add(kk * PANEL) as *const __m128i));
-            let w1 = _mm256_cvtph_ps(_mm_loadu_si128(
-                weights.add(kk * PANEL + 8) as *const __m128i
-            ));
+            let (w0, w1) = if HALF {
+                let w = (weights as *const u16).add(kk * PANEL);
+                (
+                    _mm256_cvtph_ps(_mm_loadu_si128(w as *const __m128i)),
+                    _mm256_cvtph_ps(_mm_loadu_si128(w.add(8) as *const __m128i)),
+                )
+            } else {
+                let w = (weights as *const f32).add(kk * PANEL);
+                (_mm256_loadu_ps(w), _mm256_loadu_ps(w.add(8)))
+            };
             for (r, acc) in acc.iter_mut().enumerate() {
-                let a = _mm256_broadcast_ss(&*x.add(r * k + kk));
+                let a = _mm256_broadcast_ss(&*x.add(r * x_stride + kk));
                 acc[0] = _mm256_fmadd_ps(a, w0, acc[0]);
                 acc[1] = _mm256_fmadd_ps(a, w1, acc[1]);
             }
@@ -605,6 +602,119 @@ mod avx2 {
                 std::ptr::copy_nonoverlapping(lanes.as_ptr(), dst, cols);
             }
         }
+    }
+
+    /// One panel of output columns for `rows` rows, in tiles of up to six rows.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn panel_rows<const HALF: bool>(
+        x: *const f32,
+        x_stride: usize,
+        rows: usize,
+        k: usize,
+        weights: *const u8,
+        bias: *const f32,
+        out: *mut f32,
+        out_stride: usize,
+        cols: usize,
+    ) {
+        let mut row = 0;
+        while row < rows {
+            let tile = TILE_ROWS.min(rows - row);
+            let x = x.add(row * x_stride);
+            let out = out.add(row * out_stride);
+            let args = (x, x_stride, k, weights, bias, out, out_stride, cols);
+            match tile {
+                6 => micro::<6, HALF>(
+                    args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7,
+                ),
+                5 => micro::<5, HALF>(
+                    args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7,
+                ),
+                4 => micro::<4, HALF>(
+                    args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7,
+                ),
+                3 => micro::<3, HALF>(
+                    args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7,
+                ),
+                2 => micro::<2, HALF>(
+                    args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7,
+                ),
+                _ => micro::<1, HALF>(
+                    args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7,
+                ),
+            }
+            row += tile;
+        }
+    }
+
+    /// Attention of one head of one text as two small matrix products on the same
+    /// micro-kernel: scores = Q·Kᵀ against keys packed in panels of 16, then the softmaxed
+    /// scores times values packed in panels of 16 columns.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn one_head(
+        rows: &[f32],
+        width: usize,
+        column: usize,
+        head_size: usize,
+        len: usize,
+        out: &mut [f32],
+    ) {
+        let stride = 3 * width;
+        let key_panels = len.div_ceil(PANEL);
+        let value_panels = head_size.div_ceil(PANEL);
+        SCRATCH.with_borrow_mut(|scratch| {
+            scratch.clear();
+            scratch.resize(
+                key_panels * head_size * PANEL + len * len + value_panels * len * PANEL,
+                0.0,
+            );
+            let (keys, rest) = scratch.split_at_mut(key_panels * head_size * PANEL);
+            let (scores, values) = rest.split_at_mut(len * len);
+            for j in 0..len {
+                let key = &rows[j * stride + width + column..][..head_size];
+                let value = &rows[j * stride + 2 * width + column..][..head_size];
+                for c in 0..head_size {
+                    keys[((j / PANEL) * head_size + c) * PANEL + j % PANEL] = key[c];
+                    values[((c / PANEL) * len + j) * PANEL + c % PANEL] = value[c];
+                }
+            }
+            let zero = [0f32; PANEL];
+            for panel in 0..key_panels {
+                panel_rows::<false>(
+                    rows.as_ptr().add(column),
+                    stride,
+                    len,
+                    head_size,
+                    keys.as_ptr().add(panel * head_size * PANEL) as *const u8,
+                    zero.as_ptr(),
+                    scores.as_mut_ptr().add(panel * PANEL),
+                    len,
+                    PANEL.min(len - panel * PANEL),
+                );
+            }
+            for row in scores.chunks_exact_mut(len) {
+                softmax_in_place(row);
+            }
+            for panel in 0..value_panels {
+                panel_rows::<false>(
+                    scores.as_ptr(),
+                    len,
+                    len,
+                    len,
+                    values.as_ptr().add(panel * len * PANEL) as *const u8,
+                    zero.as_ptr(),
+                    out.as_mut_ptr().add(column + panel * PANEL),
+                    width,
+                    PANEL.min(head_size - panel * PANEL),
+                );
+            }
+        })
+    }
+
+    thread_local! {
+        /// Per-thread buffers for packed keys, scores and values, reused across calls.
+        static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
 }
 
@@ -672,6 +782,24 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn simd_and_portable_attention_agree() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+        for (head_size, len) in [(32, 73), (20, 5), (64, 17)] {
+            let width = 2 * head_size;
+            let rows: Vec<f32> = (0..len * 3 * width)
+                .map(|_| rng.gen_range(-1.0..1.0))
+                .collect();
+            let mut simd = vec![0f32; len * width];
+            let mut portable = vec![0f32; len * width];
+            one_head(&rows, width, head_size, head_size, len, &mut simd);
+            one_head_portable(&rows, width, head_size, head_size, len, &mut portable);
+            for (a, b) in simd.iter().zip(&portable) {
+                assert!((a - b).abs() < 1e-5, "{head_size}x{len}: {a} vs {b}");
             }
         }
     }
