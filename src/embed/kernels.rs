@@ -12,7 +12,6 @@
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 
@@ -68,27 +67,6 @@ impl Drop for BusyWorker {
     }
 }
 
-fn cores() -> usize {
-    static CORES: OnceLock<usize> = OnceLock::new();
-    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-}
-
-/// Threads that run the other parts of a split layer (none on a single core).
-fn helper_pool() -> Option<&'static rayon::ThreadPool> {
-    static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
-    POOL.get_or_init(|| {
-        if cores() < 2 {
-            return None;
-        }
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(cores() - 1)
-            .thread_name(|n| format!("semcache-kernel-{n}"))
-            .build()
-            .ok()
-    })
-    .as_ref()
-}
-
 /// How many parts to split a layer of `work` multiply-adds into: one per idle core,
 /// counting the caller's own.
 fn parts_for(work: usize, panels: usize) -> usize {
@@ -96,7 +74,9 @@ fn parts_for(work: usize, panels: usize) -> usize {
         return 1;
     }
     let busy = BUSY_WORKERS.load(Ordering::SeqCst).max(1);
-    (cores().saturating_sub(busy) + 1).min(panels).max(1)
+    (super::parts::cores().saturating_sub(busy) + 1)
+        .min(panels)
+        .max(1)
 }
 
 /// An output buffer shared by the parts of one layer, each writing its own columns.
@@ -113,19 +93,9 @@ impl SharedOut {
     }
 }
 
-/// Runs `part(0)`…`part(parts - 1)`: the caller computes the first while helper
-/// threads take the others.
+/// Runs `part(0)`…`part(parts - 1)` on the caller and idle helper threads.
 fn run_parts(parts: usize, part: impl Fn(usize) + Sync) {
-    match helper_pool() {
-        Some(pool) if parts > 1 => pool.in_place_scope(|scope| {
-            let part = &part;
-            for i in 1..parts {
-                scope.spawn(move |_| part(i));
-            }
-            part(0);
-        }),
-        _ => (0..parts).for_each(part),
-    }
+    super::parts::run(parts, &part);
 }
 
 /// Whether this CPU runs the packed kernels (x86-64 with AVX2, FMA and F16C).

@@ -14,6 +14,7 @@
 pub mod bert;
 pub mod kernels;
 pub mod manifest;
+mod parts;
 pub mod provision;
 pub mod tokenize;
 
