@@ -66,6 +66,8 @@ pub struct BertBackend {
     max_positions: usize,
     device: Device,
     dimensions: usize,
+    /// Batches without padding, on the CPU kernels; see [`BertBackend::ragged`].
+    ragged: bool,
 }
 
 impl BertBackend {
@@ -129,6 +131,7 @@ impl BertBackend {
             max_positions: config.max_position_embeddings,
             device: device.clone(),
             dimensions: hidden,
+            ragged: packed,
         })
     }
 
@@ -136,23 +139,75 @@ impl BertBackend {
         self.dimensions
     }
 
-    /// Embeds texts of one padded batch. All inputs are padded to the longest one.
+    /// Whether batches run without padding (the CPU kernels), so texts of any lengths
+    /// batch together at no cost; otherwise every text is padded to the longest.
+    pub fn ragged(&self) -> bool {
+        self.ragged
+    }
+
+    /// Embeds the texts of one batch.
     pub fn embed(&self, batch: &[&TokenizedText]) -> Result<Vec<Vec<f32>>, EmbedError> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        self.embed_inner(batch)
-            .map_err(|e| EmbedError::Inference(e.to_string()))
+        let result = if self.ragged {
+            self.embed_ragged(batch)
+        } else {
+            self.embed_padded(batch)
+        };
+        result.map_err(|e| EmbedError::Inference(e.to_string()))
     }
 
-    fn embed_inner(&self, batch: &[&TokenizedText]) -> candle_core::Result<Vec<Vec<f32>>> {
-        let max_len = batch.iter().map(|t| t.ids.len()).max().unwrap_or(0);
-        if max_len > self.max_positions {
+    fn check_lengths(&self, batch: &[&TokenizedText]) -> candle_core::Result<()> {
+        let longest = batch.iter().map(|t| t.ids.len()).max().unwrap_or(0);
+        if longest > self.max_positions {
             candle_core::bail!(
-                "{max_len} tokens exceed the model's {} positions",
+                "{longest} tokens exceed the model's {} positions",
                 self.max_positions
             );
         }
+        Ok(())
+    }
+
+    /// All texts' tokens back to back as one `(tokens, width)` sequence: dense layers
+    /// are per token, and the attention kernel keeps each text to itself.
+    fn embed_ragged(&self, batch: &[&TokenizedText]) -> candle_core::Result<Vec<Vec<f32>>> {
+        self.check_lengths(batch)?;
+        let lengths: Vec<usize> = batch.iter().map(|t| t.ids.len()).collect();
+        let ids: Vec<u32> = batch.iter().flat_map(|t| t.ids.iter().copied()).collect();
+        let positions: Vec<u32> = lengths.iter().flat_map(|&len| 0..len as u32).collect();
+        let total = ids.len();
+        let ids = Tensor::from_vec(ids, total, &self.device)?;
+        let positions = Tensor::from_vec(positions, total, &self.device)?;
+        let embedded = (self.words.forward(&ids)? + self.positions.index_select(&positions, 0)?)?
+            .broadcast_add(&self.token_type)?;
+        let mut hidden = self.embeddings_norm.forward(&embedded)?;
+        for layer in &self.layers {
+            hidden = layer.forward(&hidden, Attend::Ragged(&lengths), self.heads)?;
+        }
+        // Mean pooling per text, then L2 normalisation (sentence-transformers).
+        let hidden = hidden.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
+        let mut start = 0;
+        Ok(lengths
+            .iter()
+            .map(|&len| {
+                let rows = &hidden[start..start + len];
+                start += len;
+                let mut mean = vec![0f32; self.dimensions];
+                for row in rows {
+                    mean.iter_mut().zip(row).for_each(|(m, v)| *m += v);
+                }
+                let norm = mean.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+                mean.iter_mut().for_each(|m| *m /= norm);
+                mean
+            })
+            .collect())
+    }
+
+    /// Texts padded to the longest one, with an attention mask (candle ops, any device).
+    fn embed_padded(&self, batch: &[&TokenizedText]) -> candle_core::Result<Vec<Vec<f32>>> {
+        self.check_lengths(batch)?;
+        let max_len = batch.iter().map(|t| t.ids.len()).max().unwrap_or(0);
         let n = batch.len();
         let mut ids = vec![0u32; n * max_len];
         let mut mask = vec![0f32; n * max_len];
@@ -173,16 +228,13 @@ impl BertBackend {
         let mut hidden = self.embeddings_norm.forward(&embedded)?;
         // Padding positions get the most negative score before the softmax, so they
         // receive no attention; a batch without padding skips the addition.
-        let padding = Padding {
-            bias: if padded {
-                Some(((1.0 - &mask)? * f64::from(f32::MIN))?.reshape((n, 1, 1, max_len))?)
-            } else {
-                None
-            },
-            lengths: batch.iter().map(|t| t.ids.len()).collect(),
+        let bias = if padded {
+            Some(((1.0 - &mask)? * f64::from(f32::MIN))?.reshape((n, 1, 1, max_len))?)
+        } else {
+            None
         };
         for layer in &self.layers {
-            hidden = layer.forward(&hidden, &padding, self.heads)?;
+            hidden = layer.forward(&hidden, Attend::Masked(bias.as_ref()), self.heads)?;
         }
 
         // Mean pooling over real tokens, then L2 normalisation (sentence-transformers).
@@ -201,13 +253,14 @@ impl BertBackend {
     }
 }
 
-/// Where each text of a batch ends.
-struct Padding {
-    /// Added to attention scores (candle path): the most negative f32 at padding keys,
-    /// so they receive no attention. `None` when no text is padded.
-    bias: Option<Tensor>,
-    /// Real tokens per text (fused attention kernel).
-    lengths: Vec<usize>,
+/// How a layer's attention keeps texts apart.
+#[derive(Clone, Copy)]
+enum Attend<'a> {
+    /// `(tokens, width)` hidden states, texts back to back with these lengths.
+    Ragged(&'a [usize]),
+    /// `(texts, seq, width)` padded hidden states; the bias is added to attention scores
+    /// (the most negative f32 at padding keys), `None` when no text is padded.
+    Masked(Option<&'a Tensor>),
 }
 
 /// One transformer block: self-attention, then the feed-forward layers, each followed by
@@ -220,8 +273,6 @@ struct EncoderLayer {
     intermediate: Dense,
     output: Dense,
     output_norm: LayerNorm,
-    /// Attention as one CPU kernel ([`kernels::Attention`]) rather than candle ops.
-    fused_attention: bool,
 }
 
 impl EncoderLayer {
@@ -274,24 +325,22 @@ impl EncoderLayer {
                 Activation::Identity,
             )?,
             output_norm: norm(vb.pp("output.LayerNorm"))?,
-            fused_attention: packed,
         })
     }
 
     fn forward(
         &self,
         hidden: &Tensor,
-        padding: &Padding,
+        attend: Attend,
         heads: usize,
     ) -> candle_core::Result<Tensor> {
         let qkv = self.qkv.forward(hidden)?;
-        let context = if self.fused_attention {
-            qkv.apply_op1_no_bwd(&kernels::Attention {
+        let context = match attend {
+            Attend::Ragged(lengths) => qkv.apply_op1_no_bwd(&kernels::Attention {
                 heads,
-                lengths: padding.lengths.clone(),
-            })?
-        } else {
-            attention(&qkv, padding.bias.as_ref(), heads)?
+                lengths: lengths.to_vec(),
+            })?,
+            Attend::Masked(bias) => attention(&qkv, bias, heads)?,
         };
         let attended = self
             .attention_norm

@@ -239,15 +239,15 @@ impl CustomOp1 for PackedLinear {
     }
 }
 
-/// Multi-head self-attention over the fused Q/K/V projection of a batch padded at the
-/// end: `(n, seq, 3·width)` in, `(n, seq, width)` out, heads side by side as the output
-/// layer expects them. Q must be pre-scaled by 1/√head_size. One pass per head and text:
-/// scores, softmax and the weighted sum of values without materialising the score
-/// tensor or transposing Q, K and V (candle needs ~10 ops and 4 copies for the same).
-/// Padding rows of the output are left zero: they are never keys, and pooling drops them.
+/// Multi-head self-attention over the fused Q/K/V projection of texts laid back to back
+/// (no padding): `(tokens, 3·width)` in, `(tokens, width)` out, heads side by side as the
+/// output layer expects them; each text attends only to itself. Q must be pre-scaled by
+/// 1/√head_size. Per head and text: scores, softmax and the weighted sum of values,
+/// without materialising a score tensor for the batch or transposing Q, K and V (candle
+/// needs ~10 ops and 4 copies for the same).
 pub struct Attention {
     pub heads: usize,
-    /// Real tokens of each text; keys past them are padding.
+    /// Tokens of each text, in order; they sum to the input's rows.
     pub lengths: Vec<usize>,
 }
 
@@ -267,7 +267,10 @@ impl CustomOp1 for Attention {
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("attention: contiguous input expected");
         };
-        let (n, seq, fused) = layout.shape().dims3()?;
+        let dims = layout.shape().dims();
+        let Some((&fused, leading)) = dims.split_last() else {
+            candle_core::bail!("attention: input has no dimensions");
+        };
         let width = fused / 3;
         if fused % 3 != 0 || self.heads == 0 || width % self.heads != 0 {
             candle_core::bail!(
@@ -275,34 +278,37 @@ impl CustomOp1 for Attention {
                 self.heads
             );
         }
-        if self.lengths.len() != n || self.lengths.iter().any(|&len| len > seq) {
+        let tokens: usize = leading.iter().product();
+        if self.lengths.iter().sum::<usize>() != tokens {
             candle_core::bail!(
-                "attention: lengths {:?} do not fit ({n}, {seq})",
+                "attention: lengths {:?} do not add up to {tokens} tokens",
                 self.lengths
             );
         }
-        let mut out = vec![0f32; n * seq * width];
+        let mut out = vec![0f32; tokens * width];
         attention(
             &data[start..end],
-            seq,
             width,
             self.heads,
             &self.lengths,
             &mut out,
         );
-        Ok((CpuStorage::F32(out), Shape::from((n, seq, width))))
+        let mut out_dims = leading.to_vec();
+        out_dims.push(width);
+        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
     }
 }
 
-fn attention(
-    qkv: &[f32],
-    seq: usize,
-    width: usize,
-    heads: usize,
-    lengths: &[usize],
-    out: &mut [f32],
-) {
+fn attention(qkv: &[f32], width: usize, heads: usize, lengths: &[usize], out: &mut [f32]) {
     let head_size = width / heads;
+    let starts: Vec<usize> = lengths
+        .iter()
+        .scan(0, |start, len| {
+            let this = *start;
+            *start += len;
+            Some(this)
+        })
+        .collect();
     let jobs = lengths.len() * heads;
     let work: usize = lengths.iter().map(|len| len * len * width * 2).sum();
     let parts = parts_for(work, jobs);
@@ -310,12 +316,13 @@ fn attention(
     run_parts(parts, |part| {
         for job in jobs * part / parts..jobs * (part + 1) / parts {
             let (text, head) = (job / heads, job % heads);
-            let rows = &qkv[text * seq * 3 * width..(text + 1) * seq * 3 * width];
+            let (start, len) = (starts[text], lengths[text]);
+            let rows = &qkv[start * 3 * width..(start + len) * 3 * width];
             // SAFETY: each job writes only its own head's columns of its own text's rows.
             let out = unsafe {
-                std::slice::from_raw_parts_mut(shared.get().add(text * seq * width), seq * width)
+                std::slice::from_raw_parts_mut(shared.get().add(start * width), len * width)
             };
-            one_head(rows, width, head * head_size, head_size, lengths[text], out);
+            one_head(rows, width, head * head_size, head_size, len, out);
         }
     });
 }
@@ -715,40 +722,36 @@ mod tests {
 
     fn check_attention(head_size: usize) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(4);
-        let (seq, heads) = (7, 3);
+        let heads = 3;
         let width = heads * head_size;
-        let lengths = [7, 4];
-        let qkv: Vec<f32> = (0..2 * seq * 3 * width)
+        // Three texts back to back; the second is long enough to be split across cores.
+        let lengths = [7, 40, 1];
+        let starts = [0, 7, 47];
+        let tokens: usize = lengths.iter().sum();
+        let qkv: Vec<f32> = (0..tokens * 3 * width)
             .map(|_| rng.gen_range(-1.0..1.0))
             .collect();
-        let mut out = vec![0f32; 2 * seq * width];
-        attention(&qkv, seq, width, heads, &lengths, &mut out);
-        let at = |t: usize, i: usize, part: usize, c: usize| {
-            qkv[(t * seq + i) * 3 * width + part * width + c] as f64
-        };
+        let mut out = vec![0f32; tokens * width];
+        attention(&qkv, width, heads, &lengths, &mut out);
         for (t, &len) in lengths.iter().enumerate() {
+            let at = |i: usize, part: usize, c: usize| {
+                qkv[(starts[t] + i) * 3 * width + part * width + c] as f64
+            };
             for h in 0..heads {
-                for i in 0..seq {
-                    let cols = h * head_size..(h + 1) * head_size;
-                    let got: Vec<f64> = cols
-                        .clone()
-                        .map(|c| out[(t * seq + i) * width + c] as f64)
-                        .collect();
-                    if i >= len {
-                        assert!(got.iter().all(|v| *v == 0.0), "padding row {i} written");
-                        continue;
-                    }
+                let cols = h * head_size..(h + 1) * head_size;
+                for i in 0..len {
                     let scores: Vec<f64> = (0..len)
-                        .map(|j| cols.clone().map(|c| at(t, i, 0, c) * at(t, j, 1, c)).sum())
+                        .map(|j| cols.clone().map(|c| at(i, 0, c) * at(j, 1, c)).sum())
                         .collect();
                     let max = scores.iter().copied().fold(f64::MIN, f64::max);
                     let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
                     let total: f64 = weights.iter().sum();
-                    for (g, c) in got.iter().zip(cols.clone()) {
-                        let want: f64 = (0..len).map(|j| weights[j] / total * at(t, j, 2, c)).sum();
+                    for c in cols.clone() {
+                        let got = out[(starts[t] + i) * width + c] as f64;
+                        let want: f64 = (0..len).map(|j| weights[j] / total * at(j, 2, c)).sum();
                         assert!(
-                            (g - want).abs() < 1e-5,
-                            "text {t} head {h} row {i}: {g} vs {want}"
+                            (got - want).abs() < 1e-5,
+                            "text {t} head {h} row {i}: {got} vs {want}"
                         );
                     }
                 }

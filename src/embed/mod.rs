@@ -97,7 +97,7 @@ pub struct QueueOptions {
     pub capacity: usize,
     /// Most texts run in one forward pass.
     pub max_batch: usize,
-    /// Most padded tokens (batch rows × longest row) in one forward pass.
+    /// Most tokens in one forward pass (padded ones included where batches are padded).
     pub max_batch_tokens: usize,
     /// Inference threads sharing the model (CPU; a GPU gets one).
     pub workers: usize,
@@ -264,7 +264,7 @@ impl Worker {
             ready.sort_by_key(|(_, t)| t.ids.len());
             let mut rest: &mut [(Job, TokenizedText)] = &mut ready;
             while !rest.is_empty() {
-                let take = batch_len(rest, self.options);
+                let take = batch_len(rest, self.options, self.backend.ragged());
                 let (batch, tail) = std::mem::take(&mut rest).split_at_mut(take);
                 pool.install(|| run_batch(&self.backend, batch));
                 rest = tail;
@@ -300,17 +300,23 @@ impl Worker {
 }
 
 /// How many of the (length-sorted) texts fit one forward pass: at most `max_batch`
-/// texts and `max_batch_tokens` padded tokens, and no more padding than half the real
-/// tokens once the batch is big enough for padding to cost more than a forward pass's
-/// fixed overhead (every row is computed to the longest one's length).
-fn batch_len(sorted: &[(Job, TokenizedText)], options: QueueOptions) -> usize {
+/// texts and `max_batch_tokens` tokens. Without padding (`ragged`, the CPU kernels) that
+/// is all there is. Padded batches count every row at the longest one's length and stop
+/// before padding exceeds half the real tokens, once the batch is big enough for padding
+/// to cost more than a forward pass's fixed overhead.
+fn batch_len(sorted: &[(Job, TokenizedText)], options: QueueOptions, ragged: bool) -> usize {
     const OVERHEAD_TOKENS: usize = 1024;
     let (mut n, mut real) = (0, 0);
     while n < sorted.len() && n < options.max_batch {
         let longest = sorted[n].1.ids.len();
         let padded = longest * (n + 1);
-        let wasteful = padded > OVERHEAD_TOKENS && 2 * padded > 3 * (real + longest);
-        if n > 0 && (padded > options.max_batch_tokens || wasteful) {
+        let over_budget = if ragged {
+            real + longest > options.max_batch_tokens
+        } else {
+            let wasteful = padded > OVERHEAD_TOKENS && 2 * padded > 3 * (real + longest);
+            padded > options.max_batch_tokens || wasteful
+        };
+        if n > 0 && over_budget {
             break;
         }
         real += longest;
@@ -375,22 +381,38 @@ mod tests {
     }
 
     #[test]
-    fn batches_stop_before_padding_outweighs_real_tokens() {
+    fn padded_batches_stop_before_padding_outweighs_real_tokens() {
         let options = QueueOptions::default();
         // Short texts share a batch whatever their spread: padding is cheap there.
-        assert_eq!(batch_len(&texts(&[5, 10, 20, 40]), options), 4);
+        assert_eq!(batch_len(&texts(&[5, 10, 20, 40]), options, false), 4);
         // Long rows do not drag short ones up to their length.
         assert_eq!(
-            batch_len(&texts(&[20, 25, 30, 40, 60, 256, 256]), options),
+            batch_len(&texts(&[20, 25, 30, 40, 60, 256, 256]), options, false),
             5
         );
-        assert_eq!(batch_len(&texts(&[256; 40]), options), 32);
+        assert_eq!(batch_len(&texts(&[256; 40]), options, false), 32);
         // The token budget holds, and one text always goes.
         let small = QueueOptions {
             max_batch_tokens: 300,
             ..options
         };
-        assert_eq!(batch_len(&texts(&[100, 100, 100, 100]), small), 3);
-        assert_eq!(batch_len(&texts(&[500]), small), 1);
+        assert_eq!(batch_len(&texts(&[100, 100, 100, 100]), small, false), 3);
+        assert_eq!(batch_len(&texts(&[500]), small, false), 1);
+    }
+
+    #[test]
+    fn ragged_batches_count_only_real_tokens() {
+        let options = QueueOptions::default();
+        assert_eq!(
+            batch_len(&texts(&[20, 25, 30, 40, 60, 256, 256]), options, true),
+            7
+        );
+        assert_eq!(batch_len(&texts(&[256; 40]), options, true), 32);
+        let small = QueueOptions {
+            max_batch_tokens: 300,
+            ..options
+        };
+        assert_eq!(batch_len(&texts(&[10, 100, 100, 100]), small, true), 3);
+        assert_eq!(batch_len(&texts(&[500]), small, true), 1);
     }
 }
