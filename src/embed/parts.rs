@@ -17,7 +17,8 @@ const SPIN: Duration = Duration::from_micros(300);
 
 const IDLE: u8 = 0;
 const POSTED: u8 = 1;
-const DONE: u8 = 2;
+const RUNNING: u8 = 2;
+const DONE: u8 = 3;
 
 /// A part for a helper to run: the caller's closure with its lifetime erased (the caller
 /// waits for [`DONE`] before the closure goes out of scope) and the part's index.
@@ -45,6 +46,15 @@ impl Helper {
                     std::thread::park_timeout(Duration::from_millis(100));
                     since = Instant::now();
                 }
+            }
+            // The poster may have taken the part back (it finished its own first and found
+            // this one not started); then there is nothing to run.
+            if self
+                .state
+                .compare_exchange(POSTED, RUNNING, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                continue;
             }
             let job = self.job.lock().unwrap_or_else(|p| p.into_inner()).take();
             if let Some((part, index)) = job {
@@ -125,10 +135,30 @@ pub fn run(parts: usize, part: &(dyn Fn(usize) + Sync)) {
     part(0);
     inline.into_iter().for_each(part);
     for helper in posted {
-        while helper.state.load(Ordering::Acquire) != DONE {
-            std::hint::spin_loop();
+        // A part its helper has not started (the helper was descheduled, say, because
+        // another worker now uses its core) is taken back and run here rather than
+        // waited for.
+        if helper
+            .state
+            .compare_exchange(POSTED, IDLE, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            let job = helper.job.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some((_, index)) = job {
+                part(index);
+            }
+        } else {
+            let mut spins = 0u32;
+            while helper.state.load(Ordering::Acquire) != DONE {
+                spins = spins.wrapping_add(1);
+                if spins < 10_000 {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
+            }
+            helper.state.store(IDLE, Ordering::Relaxed);
         }
-        helper.state.store(IDLE, Ordering::Relaxed);
         helper.claimed.store(false, Ordering::Release);
     }
 }
