@@ -1,4 +1,5 @@
-//! CPU kernels for the embedder's dense layers (x·Wᵀ + b, optionally GELU).
+//! CPU kernels for the embedder: dense layers (x·Wᵀ + b, optionally GELU) and
+//! multi-head self-attention, as candle custom ops.
 //!
 //! candle's CPU matmul (the `gemm` crate) packs both operands on every call; for a
 //! sentence embedder the weights never change, so packing them once at load saves that
@@ -176,6 +177,7 @@ impl PackedLinear {
     }
 
     /// Columns of the output that `panels` cover.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     fn columns(&self, panels: Range<usize>) -> Range<usize> {
         (panels.start * PANEL).min(self.out_features)..(panels.end * PANEL).min(self.out_features)
     }
