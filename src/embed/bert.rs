@@ -269,10 +269,10 @@ struct EncoderLayer {
     /// Q, K and V in one product; Q pre-scaled by 1/√head_size.
     qkv: Dense,
     attention_out: Dense,
-    attention_norm: LayerNorm,
+    attention_norm: Norm,
     intermediate: Dense,
     output: Dense,
-    output_norm: LayerNorm,
+    output_norm: Norm,
 }
 
 impl EncoderLayer {
@@ -302,7 +302,7 @@ impl EncoderLayer {
                 packed,
             )
         };
-        let norm = |vb: VarBuilder| candle_nn::layer_norm(hidden, config.layer_norm_eps, vb);
+        let norm = |vb: VarBuilder| Norm::load(vb, hidden, config.layer_norm_eps, packed);
         Ok(Self {
             qkv,
             attention_out: dense(
@@ -344,10 +344,39 @@ impl EncoderLayer {
         };
         let attended = self
             .attention_norm
-            .forward(&(self.attention_out.forward(&context)? + hidden)?)?;
+            .forward(&self.attention_out.forward(&context)?, hidden)?;
         let inner = self.intermediate.forward(&attended)?;
         self.output_norm
-            .forward(&(self.output.forward(&inner)? + &attended)?)
+            .forward(&self.output.forward(&inner)?, &attended)
+    }
+}
+
+/// `LayerNorm(x + residual)`: one kernel on CPU, candle's addition and layer norm
+/// elsewhere.
+enum Norm {
+    Fused(kernels::AddNorm),
+    Candle(LayerNorm),
+}
+
+impl Norm {
+    fn load(vb: VarBuilder, width: usize, eps: f64, fused: bool) -> candle_core::Result<Self> {
+        if !fused {
+            return Ok(Self::Candle(candle_nn::layer_norm(width, eps, vb)?));
+        }
+        Ok(Self::Fused(kernels::AddNorm {
+            weight: vb.get(width, "weight")?.to_vec1()?,
+            bias: vb.get(width, "bias")?.to_vec1()?,
+            eps: eps as f32,
+        }))
+    }
+
+    fn forward(&self, x: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Fused(norm) => x
+                .contiguous()?
+                .apply_op2_no_bwd(&residual.contiguous()?, norm),
+            Self::Candle(norm) => norm.forward(&(x + residual)?),
+        }
     }
 }
 
