@@ -287,10 +287,10 @@ impl EncoderLayer {
         let scale = 1.0 / (head_size as f64).sqrt();
         let (qw, qb) = part("query")?;
         let (kw, kb) = part("key")?;
-        let (vw, vb_) = part("value")?;
+        let (vw, vbias) = part("value")?;
         let qkv = Dense::new(
             Tensor::cat(&[(qw * scale)?, kw, vw], 0)?,
-            Tensor::cat(&[(qb * scale)?, kb, vb_], 0)?,
+            Tensor::cat(&[(qb * scale)?, kb, vbias], 0)?,
             Activation::Identity,
             packed,
         )?;
