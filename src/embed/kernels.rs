@@ -148,10 +148,6 @@ impl PackedLinear {
         })
     }
 
-    pub fn out_features(&self) -> usize {
-        self.out_features
-    }
-
     /// `out[r] = act(x[r]·Wᵀ + b)` for `rows` rows of `x` (row-major, `in_features` wide).
     pub fn forward(&self, x: &[f32], rows: usize, out: &mut [f32]) {
         assert_eq!(x.len(), rows * self.in_features);
@@ -204,6 +200,32 @@ impl PackedLinear {
     }
 }
 
+/// A custom op's input as contiguous f32 rows: the values, the leading dimensions and
+/// the row width (the last dimension).
+fn f32_rows<'a>(
+    op: &str,
+    storage: &'a CpuStorage,
+    layout: &'a Layout,
+) -> candle_core::Result<(&'a [f32], &'a [usize], usize)> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op}: f32 input expected");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op}: contiguous input expected");
+    };
+    let Some((&width, leading)) = layout.shape().dims().split_last() else {
+        candle_core::bail!("{op}: input has no dimensions");
+    };
+    Ok((&data[start..end], leading, width))
+}
+
+/// The shape `leading × width`.
+fn with_width(leading: &[usize], width: usize) -> Shape {
+    let mut dims = leading.to_vec();
+    dims.push(width);
+    Shape::from(dims)
+}
+
 /// Runs the packed layer inside candle's graph (CPU tensors only; other devices use
 /// candle's own matmul).
 impl CustomOp1 for PackedLinear {
@@ -216,16 +238,7 @@ impl CustomOp1 for PackedLinear {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("packed-linear: f32 input expected");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("packed-linear: contiguous input expected");
-        };
-        let dims = layout.shape().dims();
-        let Some((&k, leading)) = dims.split_last() else {
-            candle_core::bail!("packed-linear: input has no dimensions");
-        };
+        let (data, leading, k) = f32_rows("packed-linear", storage, layout)?;
         if k != self.in_features {
             candle_core::bail!(
                 "packed-linear: input width {k}, layer expects {}",
@@ -234,10 +247,8 @@ impl CustomOp1 for PackedLinear {
         }
         let rows: usize = leading.iter().product();
         let mut out = vec![0f32; rows * self.out_features];
-        self.forward(&data[start..end], rows, &mut out);
-        let mut out_dims = leading.to_vec();
-        out_dims.push(self.out_features);
-        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
+        self.forward(data, rows, &mut out);
+        Ok((CpuStorage::F32(out), with_width(leading, self.out_features)))
     }
 }
 
@@ -263,16 +274,7 @@ impl CustomOp1 for Attention {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("attention: f32 input expected");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("attention: contiguous input expected");
-        };
-        let dims = layout.shape().dims();
-        let Some((&fused, leading)) = dims.split_last() else {
-            candle_core::bail!("attention: input has no dimensions");
-        };
+        let (data, leading, fused) = f32_rows("attention", storage, layout)?;
         let width = fused / 3;
         if fused % 3 != 0 || self.heads == 0 || width % self.heads != 0 {
             candle_core::bail!(
@@ -288,16 +290,8 @@ impl CustomOp1 for Attention {
             );
         }
         let mut out = vec![0f32; tokens * width];
-        attention(
-            &data[start..end],
-            width,
-            self.heads,
-            &self.lengths,
-            &mut out,
-        );
-        let mut out_dims = leading.to_vec();
-        out_dims.push(width);
-        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
+        attention(data, width, self.heads, &self.lengths, &mut out);
+        Ok((CpuStorage::F32(out), with_width(leading, width)))
     }
 }
 
@@ -456,26 +450,16 @@ impl candle_core::CustomOp2 for AddNorm {
         residual: &CpuStorage,
         residual_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), CpuStorage::F32(residual)) = (x, residual) else {
-            candle_core::bail!("add-layer-norm: f32 inputs expected");
-        };
-        let (Some((xs, xe)), Some((rs, re))) = (
-            x_layout.contiguous_offsets(),
-            residual_layout.contiguous_offsets(),
-        ) else {
-            candle_core::bail!("add-layer-norm: contiguous inputs expected");
-        };
+        let (x, _, x_width) = f32_rows("add-layer-norm", x, x_layout)?;
+        let (residual, _, _) = f32_rows("add-layer-norm", residual, residual_layout)?;
         let width = self.weight.len();
-        if x_layout.shape() != residual_layout.shape()
-            || x_layout.shape().dims().last() != Some(&width)
-        {
+        if x_layout.shape() != residual_layout.shape() || x_width != width {
             candle_core::bail!(
                 "add-layer-norm: shapes {:?} and {:?}, width {width}",
                 x_layout.shape(),
                 residual_layout.shape()
             );
         }
-        let (x, residual) = (&x[xs..xe], &residual[rs..re]);
         let rows = x.len() / width;
         let mut out = vec![0f32; x.len()];
         let parts = parts_for(rows * width * 8, rows);
