@@ -167,6 +167,9 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// A loaded graph's generation, and its slots waiting for their entries by id.
+type SavedGraph = (Generation, HashMap<EntryId, usize>);
+
 /// One consistent view of a cache: slot table and index always change together.
 struct Generation {
     /// Tells generations apart, so a saved index knows whether it is of this one.
@@ -249,52 +252,80 @@ impl CacheService {
             let (cache_id, settings) = item?;
             *service.state_or_create(&cache_id).settings_mut() = settings;
         }
-        let now = now_ms();
-        let dimensions = service.dimensions();
         let started = Instant::now();
-        let mut saved_graphs = service.load_saved_indexes();
-        let graphs_ms = started.elapsed().as_millis() as u64;
-        let mut expired: Vec<(String, EntryId)> = Vec::new();
+        // Saved graphs load on a thread per core while this thread reads the store (one
+        // sequential scan); the two are most of a restart, and neither waits for the other.
+        let (saved_graphs, scanned) = std::thread::scope(|scope| {
+            let graphs = scope.spawn(|| {
+                let graphs = service.load_saved_indexes();
+                (graphs, started.elapsed().as_millis() as u64)
+            });
+            let scanned = service.read_entries(now_ms());
+            let graphs = graphs
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            (graphs, scanned)
+        });
+        let (mut saved_graphs, graphs_ms) = saved_graphs;
+        let (by_cache, expired) = scanned?;
+        let scanned_ms = started.elapsed().as_millis() as u64;
+        // Each cache's entries take their saved slots; caches in parallel.
+        let mut caches: Vec<(String, Vec<Slot>, Option<SavedGraph>)> = by_cache
+            .into_iter()
+            .map(|(cache_id, slots)| {
+                let saved = saved_graphs.remove(&cache_id);
+                (cache_id, slots, saved)
+            })
+            .collect();
+        caches.extend(
+            saved_graphs
+                .into_iter()
+                .map(|(cache_id, saved)| (cache_id, Vec::new(), Some(saved))),
+        );
+        let matched = on_every_core(caches, |(cache_id, slots, saved)| {
+            let Some((generation, mut waiting)) = saved else {
+                let unsaved: Vec<EntryId> = slots.iter().map(Slot::id).collect();
+                return (cache_id, None, unsaved, 0);
+            };
+            let mut unsaved = Vec::new();
+            let mut from_saved = 0;
+            let mut table = generation.write();
+            for slot in slots {
+                match waiting.remove(&slot.id()) {
+                    Some(n) => {
+                        table.fill(n, slot);
+                        table.publish(n);
+                        from_saved += 1;
+                    }
+                    None => unsaved.push(slot.id()),
+                }
+            }
+            drop(table);
+            (cache_id, Some(generation), unsaved, from_saved)
+        });
         // Entries no saved graph holds, by cache; only ids, so memory stays small.
         let mut unsaved: BTreeMap<String, Vec<EntryId>> = BTreeMap::new();
         let (mut loaded, mut from_saved) = (0usize, 0usize);
-        for item in service.store.scan_records() {
-            let record = item?;
-            if record.expires_at_ms.is_some_and(|t| t <= now) {
-                expired.push((record.cache_id.clone(), record.id));
-                continue;
-            }
-            let saved_slot = saved_graphs
-                .get_mut(&record.cache_id)
-                .and_then(|(generation, slots)| Some((generation, slots.remove(&record.id)?)));
-            match saved_slot {
-                Some((generation, n)) => {
-                    let mut table = generation.write();
-                    table.fill(n, Slot::from_record(&record, dimensions));
-                    table.publish(n);
-                    from_saved += 1;
+        for (cache_id, generation, ids, saved_count) in matched {
+            loaded += ids.len() + saved_count;
+            from_saved += saved_count;
+            if let Some(generation) = generation {
+                if generation.read().live() == 0 {
+                    if let Some(root) = &service.config.index_save_dir {
+                        saved::remove(root, &cache_id);
+                    }
+                } else {
+                    let state = service.state_or_create(&cache_id);
+                    let slots = generation.read().slot_count();
+                    *state.saved.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some((generation.serial, slots));
+                    state.replace(generation);
                 }
-                None => unsaved
-                    .entry(record.cache_id.clone())
-                    .or_default()
-                    .push(record.id),
             }
-            loaded += 1;
-        }
-        for (cache_id, (generation, _)) in saved_graphs {
-            if generation.read().live() == 0 {
-                if let Some(root) = &service.config.index_save_dir {
-                    saved::remove(root, &cache_id);
-                }
-                continue;
+            if !ids.is_empty() {
+                unsaved.insert(cache_id, ids);
             }
-            let state = service.state_or_create(&cache_id);
-            let slots = generation.read().slot_count();
-            *state.saved.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some((generation.serial, slots));
-            state.replace(generation);
         }
-        let scanned_ms = started.elapsed().as_millis() as u64;
         service.insert_unsaved(unsaved)?;
         for item in service.store.scan_feedback() {
             let (cache_id, id, feedback) = item?;
@@ -357,10 +388,51 @@ impl CacheService {
         .collect()
     }
 
+    /// Every stored entry as a (not yet visible) slot, by cache, and the entries that
+    /// expired while the service was down.
+    #[allow(clippy::type_complexity)]
+    fn read_entries(
+        &self,
+        now: u64,
+    ) -> Result<(HashMap<String, Vec<Slot>>, Vec<(String, EntryId)>), CacheError> {
+        let dimensions = self.dimensions();
+        let mut by_cache: HashMap<String, Vec<Slot>> = HashMap::new();
+        let mut expired = Vec::new();
+        // Entries share a few attribute sets; one copy of each from the start keeps a
+        // map per entry from being allocated, kept until the tables share them, and
+        // freed between longer-lived allocations (measured: +60 MiB at 100k entries).
+        let mut attribute_sets: HashSet<Arc<BTreeMap<String, String>>> = HashSet::new();
+        for item in self.store.scan_summaries() {
+            let mut summary = item?;
+            if summary.expires_at_ms.is_some_and(|t| t <= now) {
+                expired.push((summary.cache_id, summary.id));
+                continue;
+            }
+            // Keys are grouped by cache, so the cache id is copied once per cache.
+            let cache_id = std::mem::take(&mut summary.cache_id);
+            let attributes = match attribute_sets.get(&summary.attributes) {
+                Some(shared) => shared.clone(),
+                None => {
+                    let shared = Arc::new(std::mem::take(&mut summary.attributes));
+                    attribute_sets.insert(shared.clone());
+                    shared
+                }
+            };
+            let slot = Slot::from_summary(summary, attributes, dimensions);
+            match by_cache.get_mut(&cache_id) {
+                Some(slots) => slots.push(slot),
+                None => {
+                    by_cache.insert(cache_id, vec![slot]);
+                }
+            }
+        }
+        Ok((by_cache, expired))
+    }
+
     /// Every cache's saved graph that loads cleanly, with its slots waiting for their
-    /// entries (matched by id while the store is scanned). Unusable saves are removed
+    /// entries (matched by id after the store is scanned). Unusable saves are removed
     /// and their caches rebuilt from the store.
-    fn load_saved_indexes(&self) -> HashMap<String, (Generation, HashMap<EntryId, usize>)> {
+    fn load_saved_indexes(&self) -> HashMap<String, SavedGraph> {
         let mut graphs = HashMap::new();
         let Some(root) = &self.config.index_save_dir else {
             return graphs;

@@ -5,16 +5,20 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use super::evict::{Policy, Tracker};
-use crate::store::{EntryId, EntryRecord, FeedbackRecord};
+use crate::store::{EntryId, EntryRecord, EntrySummary, FeedbackRecord};
 
 /// What an entry costs in memory accounting: prompt, response, attributes and vector.
 pub fn entry_bytes(record: &EntryRecord, dimensions: usize) -> u64 {
-    let attribute_bytes: usize = record
-        .attributes
-        .iter()
-        .map(|(k, v)| k.len() + v.len())
-        .sum();
-    (record.prompt.len() + record.response.len() + attribute_bytes + dimensions * 4) as u64
+    cost(
+        record.prompt.len() + record.response.len(),
+        &record.attributes,
+        dimensions,
+    )
+}
+
+fn cost(text_bytes: usize, attributes: &BTreeMap<String, String>, dimensions: usize) -> u64 {
+    let attribute_bytes: usize = attributes.iter().map(|(k, v)| k.len() + v.len()).sum();
+    (text_bytes + attribute_bytes + dimensions * 4) as u64
 }
 
 /// Attribute names the service sets itself; clients cannot.
@@ -43,6 +47,28 @@ impl Slot {
             expires_at_ms: record.expires_at_ms,
             alive: false,
         }
+    }
+
+    /// The same slot from what a restart reads of the entry (texts skipped), with its
+    /// attributes already shared.
+    pub fn from_summary(
+        summary: EntrySummary,
+        attributes: Arc<BTreeMap<String, String>>,
+        dimensions: usize,
+    ) -> Self {
+        Self {
+            bytes: cost(summary.text_bytes, &attributes, dimensions),
+            created_at_ms: summary.created_at_ms,
+            id: summary.id,
+            prompt_hash: summary.prompt_hash,
+            attributes,
+            expires_at_ms: summary.expires_at_ms,
+            alive: false,
+        }
+    }
+
+    pub fn id(&self) -> EntryId {
+        self.id
     }
 }
 

@@ -3,15 +3,35 @@
 use super::StoreError;
 
 /// The format this binary writes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 const VERSION_KEY: &[u8] = b"format_version";
 
 /// `STEPS[i]` upgrades a store from version `i + 1` to `i + 2`, in place.
-/// Format v1 is the first, so there is no step yet; the next format adds one here
-/// and a `migrations/v2.md` describing it.
 type Step = fn(&sled::Db) -> Result<(), StoreError>;
-const STEPS: &[Step] = &[];
+const STEPS: &[Step] = &[v1_to_v2];
+
+/// v2 adds the `summaries` tree (migrations/v2.md): one summary per entry, written
+/// from the entries in batches. Rerunning it after a crash rewrites the same values.
+fn v1_to_v2(db: &sled::Db) -> Result<(), StoreError> {
+    let entries = db.open_tree("entries")?;
+    let summaries = db.open_tree("summaries")?;
+    let mut batch = sled::Batch::default();
+    let mut pending = 0;
+    for item in entries.iter() {
+        let (key, bytes) = item?;
+        let record = super::decode_entry(&key, &bytes)?;
+        batch.insert(key, super::StoredSummary::of(&record).encode());
+        pending += 1;
+        if pending == 10_000 {
+            summaries.apply_batch(std::mem::take(&mut batch))?;
+            pending = 0;
+        }
+    }
+    summaries.apply_batch(batch)?;
+    db.flush()?;
+    Ok(())
+}
 
 fn read_version(db: &sled::Db) -> Result<Option<u32>, StoreError> {
     let meta = db.open_tree("meta")?;
@@ -97,6 +117,58 @@ mod tests {
         };
         assert!(matches!(err, StoreError::FutureFormat { .. }));
         assert!(err.to_string().contains("newer semcache"), "{err}");
+    }
+
+    #[test]
+    fn a_v1_store_gains_a_summary_per_entry() {
+        use crate::store::{entry_key, vector_to_bytes, EntryId, EntryRecord, EntrySummary};
+        let dir = tempfile::tempdir().unwrap();
+        let records: Vec<EntryRecord> = (0..25_000)
+            .map(|i| EntryRecord {
+                id: EntryId::new(),
+                cache_id: format!("c{}", i % 3),
+                prompt: format!("prompt {i}"),
+                prompt_hash: format!("{i:064x}"),
+                response: "é\"quoted\"".into(),
+                attributes: [("model".to_string(), format!("m{}", i % 2))].into(),
+                created_at_ms: i,
+                expires_at_ms: (i % 5 == 0).then_some(i + 1),
+                window_end: None,
+            })
+            .collect();
+        {
+            // Written as v1 did: entries and vectors, no summaries.
+            let db = sled::open(dir.path()).unwrap();
+            write_version(&db, 1).unwrap();
+            let entries = db.open_tree("entries").unwrap();
+            let vectors = db.open_tree("vectors").unwrap();
+            for r in &records {
+                let key = entry_key(&r.cache_id, &r.id);
+                entries
+                    .insert(&key, serde_json::to_vec(r).unwrap())
+                    .unwrap();
+                vectors.insert(&key, vector_to_bytes(&[1.0, 0.0])).unwrap();
+            }
+            db.flush().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let mut found: Vec<EntrySummary> =
+            store.scan_summaries().collect::<Result<_, _>>().unwrap();
+        found.sort_by_key(|s| s.created_at_ms);
+        assert_eq!(found.len(), records.len());
+        for (r, s) in records.iter().zip(&found) {
+            assert_eq!(s.id, r.id);
+            assert_eq!(s.cache_id, r.cache_id);
+            assert_eq!(s.prompt_hash, r.prompt_hash);
+            assert_eq!(s.attributes, r.attributes);
+            assert_eq!(s.expires_at_ms, r.expires_at_ms);
+            assert_eq!(s.text_bytes, r.prompt.len() + r.response.len());
+        }
+        // Removing an entry removes its summary.
+        assert_eq!(store.remove("c0", &[records[0].id]).unwrap(), 1);
+        assert_eq!(store.remove_cache("c1").unwrap(), records.len() / 3);
+        let left = store.scan_summaries().count();
+        assert_eq!(left, records.len() - 1 - records.len() / 3);
     }
 
     #[test]
