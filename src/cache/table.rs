@@ -4,6 +4,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
+use sha2::{Digest, Sha256};
+
 use super::evict::{Policy, Tracker};
 use crate::store::{EntryId, EntryRecord, EntrySummary, FeedbackRecord};
 
@@ -24,9 +26,26 @@ fn cost(text_bytes: usize, attributes: &BTreeMap<String, String>, dimensions: us
 /// Attribute names the service sets itself; clients cannot.
 pub const RESERVED_PREFIX: &str = "semcache.";
 
+/// The exact-match key: a prompt hash's 32 bytes. Kept as its hex text it cost 64 bytes
+/// and a heap allocation, twice per entry (slot and index).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+struct HashKey([u8; 32]);
+
+impl HashKey {
+    fn of(hex_hash: &str) -> Self {
+        let mut key = [0u8; 32];
+        if hex::decode_to_slice(hex_hash, &mut key).is_err() {
+            // Not a hex sha256 (this service writes nothing else): a digest of the text
+            // still keys equal texts alike.
+            key = Sha256::digest(hex_hash.as_bytes()).into();
+        }
+        Self(key)
+    }
+}
+
 pub struct Slot {
     id: EntryId,
-    prompt_hash: String,
+    prompt_hash: HashKey,
     attributes: Arc<BTreeMap<String, String>>,
     expires_at_ms: Option<u64>,
     created_at_ms: u64,
@@ -42,7 +61,7 @@ impl Slot {
             bytes: entry_bytes(record, dimensions),
             created_at_ms: record.created_at_ms,
             id: record.id,
-            prompt_hash: record.prompt_hash.clone(),
+            prompt_hash: HashKey::of(&record.prompt_hash),
             attributes: Arc::new(record.attributes.clone()),
             expires_at_ms: record.expires_at_ms,
             alive: false,
@@ -60,7 +79,7 @@ impl Slot {
             bytes: cost(summary.text_bytes, &attributes, dimensions),
             created_at_ms: summary.created_at_ms,
             id: summary.id,
-            prompt_hash: summary.prompt_hash,
+            prompt_hash: HashKey::of(&summary.prompt_hash),
             attributes,
             expires_at_ms: summary.expires_at_ms,
             alive: false,
@@ -76,7 +95,7 @@ impl Slot {
 pub struct SlotTable {
     slots: Vec<Slot>,
     by_id: HashMap<EntryId, usize>,
-    by_hash: HashMap<String, Vec<usize>>,
+    by_hash: HashMap<HashKey, Vec<usize>>,
     /// `(key, value)` → slots carrying that attribute (dead ones included until rebuild).
     postings: HashMap<(String, String), Vec<usize>>,
     feedback: HashMap<usize, Arc<FeedbackRecord>>,
@@ -138,7 +157,7 @@ impl SlotTable {
         let nothing = Arc::new(BTreeMap::new());
         self.slots.extend((0..n).map(|_| Slot {
             id: EntryId([0; 16]),
-            prompt_hash: String::new(),
+            prompt_hash: HashKey::default(),
             attributes: nothing.clone(),
             expires_at_ms: None,
             created_at_ms: 0,
@@ -185,10 +204,7 @@ impl SlotTable {
         self.live_bytes += slot.bytes;
         self.usage.admit(n);
         self.by_id.insert(slot.id, n);
-        self.by_hash
-            .entry(slot.prompt_hash.clone())
-            .or_default()
-            .push(n);
+        self.by_hash.entry(slot.prompt_hash).or_default().push(n);
         for (k, v) in slot.attributes.iter() {
             self.postings
                 .entry((k.clone(), v.clone()))
@@ -264,7 +280,7 @@ impl SlotTable {
         now: u64,
     ) -> Vec<usize> {
         self.by_hash
-            .get(hash)
+            .get(&HashKey::of(hash))
             .map(|slots| {
                 slots
                     .iter()

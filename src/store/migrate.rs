@@ -16,16 +16,17 @@ const STEPS: &[Step] = &[v1_to_v2];
 fn v1_to_v2(db: &sled::Db) -> Result<(), StoreError> {
     let entries = db.open_tree("entries")?;
     let summaries = db.open_tree("summaries")?;
+    let total = entries.len();
     let mut batch = sled::Batch::default();
-    let mut pending = 0;
-    for item in entries.iter() {
+    for (done, item) in entries.iter().enumerate() {
         let (key, bytes) = item?;
         let record = super::decode_entry(&key, &bytes)?;
         batch.insert(key, super::StoredSummary::of(&record).encode());
-        pending += 1;
-        if pending == 10_000 {
+        if (done + 1) % 10_000 == 0 {
             summaries.apply_batch(std::mem::take(&mut batch))?;
-            pending = 0;
+        }
+        if (done + 1) % 100_000 == 0 {
+            tracing::info!(done = done + 1, total, "summarising entries");
         }
     }
     summaries.apply_batch(batch)?;
