@@ -4,13 +4,16 @@
 //! whether it is still alive, belongs to the caller, which passes a filter to each search.
 //! hnsw_rs cannot delete, so dead slots stay in the graph as tombstones and are filtered.
 
+use std::fs::File;
+use std::io::BufReader;
+use std::mem::size_of;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::Mutex;
 
 use hnsw_rs::anndists::dist::Distance;
 use hnsw_rs::api::AnnT;
-use hnsw_rs::hnswio::HnswIo;
+use hnsw_rs::hnswio::{load_description, HnswIo};
 use hnsw_rs::prelude::Hnsw;
 
 #[derive(Debug, thiserror::Error)]
@@ -203,6 +206,7 @@ impl VectorIndex {
             path: dir.display().to_string(),
             reason,
         };
+        check_data_file(dir).map_err(file_error)?;
         // hnsw_rs ties a loaded graph's lifetime to its loader (for memory-mapped data,
         // which we do not use); the loader is a few hundred bytes, kept for good.
         let loader: &'static mut HnswIo = Box::leak(Box::new(HnswIo::new(dir, SAVED_BASENAME)));
@@ -317,6 +321,36 @@ impl VectorIndex {
     }
 }
 
+/// hnsw_rs ends the whole process (exit status 1) when a saved data file holds fewer
+/// vectors than its graph names, which at start-up would be a crash loop. So the data
+/// file's length is checked against the graph's header first: a damaged save becomes an
+/// error, and the caller rebuilds that cache from the store.
+fn check_data_file(dir: &Path) -> Result<(), String> {
+    let graph = dir.join(format!("{SAVED_BASENAME}.hnsw.graph"));
+    let data = dir.join(format!("{SAVED_BASENAME}.hnsw.data"));
+    let mut reader = BufReader::new(File::open(&graph).map_err(|e| e.to_string())?);
+    let header = catch_unwind(AssertUnwindSafe(|| load_description(&mut reader)))
+        .map_err(panic_text)?
+        .map_err(|e| e.to_string())?;
+    // Layout (hnsw_rs 0.3 dump): magic u32 and dimension usize, then per point magic
+    // u32, id u64, byte length u64 and the f32 values.
+    let head = size_of::<u32>() + size_of::<usize>();
+    let per_point = size_of::<u32>() + 2 * size_of::<u64>() + header.dimension * size_of::<f32>();
+    let expected = header
+        .nb_point
+        .checked_mul(per_point)
+        .and_then(|body| body.checked_add(head))
+        .ok_or("graph header names an impossible size")?;
+    let found = std::fs::metadata(&data).map_err(|e| e.to_string())?.len();
+    if found != expected as u64 {
+        return Err(format!(
+            "data file holds {found} bytes; the graph's {} points need {expected}",
+            header.nb_point
+        ));
+    }
+    Ok(())
+}
+
 fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {
     payload
         .downcast_ref::<&str>()
@@ -425,6 +459,25 @@ mod tests {
         assert!(
             VectorIndex::load(&dir.path().join("missing"), 32, IndexParams::default()).is_err()
         );
+    }
+
+    #[test]
+    fn a_truncated_data_file_is_an_error_not_an_exit() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+        let index = VectorIndex::new(32, 0, IndexParams::default());
+        for slot in 0..200 {
+            index.insert(slot, &random_unit(&mut rng, 32)).unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        index.save(dir.path()).unwrap();
+        let data = dir.path().join("graph.hnsw.data");
+        let bytes = std::fs::read(&data).unwrap();
+        let record = 20 + 32 * 4;
+        // Cut at a record boundary (hnsw_rs exits the process there) and mid-record.
+        for keep in [bytes.len() - 10 * record, bytes.len() - record / 2] {
+            std::fs::write(&data, &bytes[..keep]).unwrap();
+            assert!(VectorIndex::load(dir.path(), 32, IndexParams::default()).is_err());
+        }
     }
 
     #[test]
