@@ -258,20 +258,33 @@ impl Store {
     /// succeed again as soon as space returns.
     pub fn open_with(path: &Path, options: StoreOptions) -> Result<Self, StoreError> {
         let min_free_bytes = options.min_free_bytes;
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(path)
             .cache_capacity(options.cache_bytes)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|e| StoreError::Open {
-                path: path.display().to_string(),
-                reason: if e.to_string().contains("could not acquire lock") {
-                    "it is locked by another running semcache process; stop it or use another --data-dir"
-                        .into()
-                } else {
-                    e.to_string()
-                },
-            })?;
+            .mode(sled::Mode::HighThroughput);
+        // The file lock outlives a closed store by a moment (sled's background work
+        // holds it until it finishes), and a restarted process may still be exiting;
+        // a holder that stays past two seconds is another running server.
+        let locked = |e: &sled::Error| e.to_string().contains("could not acquire lock");
+        let mut opened = config.open();
+        for _ in 0..40 {
+            match &opened {
+                Err(e) if locked(e) => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    opened = config.open();
+                }
+                _ => break,
+            }
+        }
+        let db = opened.map_err(|e| StoreError::Open {
+            path: path.display().to_string(),
+            reason: if locked(&e) {
+                "it is locked by another running semcache process; stop it or use another --data-dir"
+                    .into()
+            } else {
+                e.to_string()
+            },
+        })?;
         migrate::upgrade(&db)?;
         Ok(Self {
             min_free_bytes,
