@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::index::{IndexError, IndexParams, VectorIndex};
+use crate::index::{saved_files, IndexError, IndexParams, VectorIndex};
 use crate::store::EntryId;
 
 /// Slot maps written before the graph files were checksummed (still read).
@@ -24,7 +24,6 @@ const MAGIC_V1: &[u8; 8] = b"SEMSLOT1";
 /// Adds CRC-32s of the graph and data files: hnsw_rs trusts their contents (a flipped
 /// length field would make its loader abort), so a damaged save must never reach it.
 const MAGIC: &[u8; 8] = b"SEMSLOT2";
-const GRAPH_FILES: [&str; 2] = ["graph.hnsw.graph", "graph.hnsw.data"];
 const SLOTS_FILE: &str = "slots.bin";
 const PARTIAL: &str = ".partial";
 
@@ -104,16 +103,13 @@ pub fn save(
     let _ = fs::remove_dir_all(&partial);
     fs::create_dir(&partial).map_err(io_error(&partial))?;
     index.save(&partial)?;
-    let checksums = [
-        file_crc(&partial.join(GRAPH_FILES[0]))?,
-        file_crc(&partial.join(GRAPH_FILES[1]))?,
-    ];
+    let files = saved_files(&partial);
+    let checksums = [file_crc(&files[0])?, file_crc(&files[1])?];
     write_slots(&partial.join(SLOTS_FILE), index, slots, checksums)?;
-    for name in GRAPH_FILES {
-        let path = partial.join(name);
-        File::open(&path)
+    for path in &files {
+        File::open(path)
             .and_then(|f| f.sync_all())
-            .map_err(io_error(&path))?;
+            .map_err(io_error(path))?;
     }
     sync_dir(&partial)?;
     let done = dir.join(format!("{sequence:020}"));
@@ -241,9 +237,8 @@ pub fn load(
     let path = dir.join(format!("{sequence:020}"));
     let (slots, checksums) = read_slots(&path.join(SLOTS_FILE), dimensions, params)?;
     if let Some(expected) = checksums {
-        for (name, expected) in GRAPH_FILES.iter().zip(expected) {
-            let file = path.join(name);
-            if file_crc(&file)? != expected {
+        for (file, expected) in saved_files(&path).iter().zip(expected) {
+            if file_crc(file)? != expected {
                 return Err(SavedError::Io {
                     path: file.display().to_string(),
                     reason: "checksum mismatch".into(),

@@ -29,6 +29,14 @@ pub enum IndexError {
 /// File name stem of a saved graph: `graph.hnsw.graph` and `graph.hnsw.data`.
 const SAVED_BASENAME: &str = "graph";
 
+/// The files [`VectorIndex::save`] writes into `dir`: hnsw_rs's graph, then its vectors.
+pub fn saved_files(dir: &Path) -> [std::path::PathBuf; 2] {
+    [
+        dir.join(format!("{SAVED_BASENAME}.hnsw.graph")),
+        dir.join(format!("{SAVED_BASENAME}.hnsw.data")),
+    ]
+}
+
 /// Cosine distance for L2-normalised vectors, `1 - dot`, clamped at 0.
 ///
 /// anndists' `DistDot` asserts `dot <= 1`, which rounding breaks for near-identical
@@ -326,8 +334,7 @@ impl VectorIndex {
 /// file's length is checked against the graph's header first: a damaged save becomes an
 /// error, and the caller rebuilds that cache from the store.
 fn check_data_file(dir: &Path) -> Result<(), String> {
-    let graph = dir.join(format!("{SAVED_BASENAME}.hnsw.graph"));
-    let data = dir.join(format!("{SAVED_BASENAME}.hnsw.data"));
+    let [graph, data] = saved_files(dir);
     let mut reader = BufReader::new(File::open(&graph).map_err(|e| e.to_string())?);
     let header = catch_unwind(AssertUnwindSafe(|| load_description(&mut reader)))
         .map_err(panic_text)?

@@ -353,63 +353,46 @@ impl Store {
     /// Removes entries; returns how many existed.
     pub fn remove(&self, cache_id: &str, ids: &[EntryId]) -> Result<usize, StoreError> {
         let keys: Vec<Vec<u8>> = ids.iter().map(|id| entry_key(cache_id, id)).collect();
-        let removed =
-            self.trees()
-                .transaction(|(entries, summaries, vectors, feedback, hits)| {
-                    let mut removed = 0;
-                    for key in &keys {
-                        if entries.remove(key.as_slice())?.is_some() {
-                            removed += 1;
-                        }
-                        summaries.remove(key.as_slice())?;
-                        vectors.remove(key.as_slice())?;
-                        feedback.remove(key.as_slice())?;
-                        hits.remove(key.as_slice())?;
-                    }
-                    Ok::<_, ConflictableTransactionError<StoreError>>(removed)
-                })?;
-        Ok(removed)
+        self.remove_keys(&keys)
     }
 
     /// Removes every entry of one cache; returns how many.
     pub fn remove_cache(&self, cache_id: &str) -> Result<usize, StoreError> {
         let prefix = cache_prefix(cache_id);
         let mut removed = 0;
+        // One entry at a time (a cache may be large), but each wholly.
         for key in self.entries.scan_prefix(&prefix).keys() {
-            let key = key?;
-            // One entry at a time, but each wholly: a crash never leaves a summary
-            // (which a restart would index) without its entry.
-            self.trees()
-                .transaction(|(entries, summaries, vectors, feedback, hits)| {
-                    entries.remove(key.as_ref())?;
-                    summaries.remove(key.as_ref())?;
-                    vectors.remove(key.as_ref())?;
-                    feedback.remove(key.as_ref())?;
-                    hits.remove(key.as_ref())?;
-                    Ok::<_, ConflictableTransactionError<StoreError>>(())
-                })?;
-            removed += 1;
+            removed += self.remove_keys(&[key?])?;
         }
         Ok(removed)
     }
 
-    /// The trees that hold an entry, for transactions that remove one wholly.
-    fn trees(
-        &self,
-    ) -> (
-        &sled::Tree,
-        &sled::Tree,
-        &sled::Tree,
-        &sled::Tree,
-        &sled::Tree,
-    ) {
-        (
+    /// Removes entries from every tree that holds them, in one transaction, so a crash
+    /// never leaves a summary (which a restart would index) without its entry. Returns
+    /// how many entries existed.
+    fn remove_keys<K: AsRef<[u8]>>(&self, keys: &[K]) -> Result<usize, StoreError> {
+        let trees = (
             &self.entries,
             &self.summaries,
             &self.vectors,
             &self.feedback,
             &self.hits,
-        )
+        );
+        let removed = trees.transaction(|(entries, summaries, vectors, feedback, hits)| {
+            let mut removed = 0;
+            for key in keys {
+                let key = key.as_ref();
+                if entries.remove(key)?.is_some() {
+                    removed += 1;
+                }
+                summaries.remove(key)?;
+                vectors.remove(key)?;
+                feedback.remove(key)?;
+                hits.remove(key)?;
+            }
+            Ok::<_, ConflictableTransactionError<StoreError>>(removed)
+        })?;
+        Ok(removed)
     }
 
     /// Every stored entry's summary (no texts, no vector), in key order.
