@@ -12,8 +12,9 @@
 //! never stored (misses). The prompts file comes from `benches/peers/prompts.py`.
 //!
 //! Environment: `SEMCACHE_LOAD_SECONDS` (per run, default 20), `SEMCACHE_LOAD_CONCURRENCY`
-//! (default "1,16,32"), `SEMCACHE_LOAD_URL` (use a server already running instead of
-//! starting one; it must be empty). Each request's latency is measured by the client on
+//! (default "1,16,32"), `SEMCACHE_LOAD_WORKLOADS` (e.g. "paraphrases,misses": the
+//! workloads whose names start so; default all), `SEMCACHE_LOAD_URL` (use a server
+//! already running instead of starting one; it must be empty). Each request's latency is measured by the client on
 //! the same machine, as wrk does for the peer; client and server share the cores.
 
 use std::sync::Arc;
@@ -199,9 +200,13 @@ fn main() {
             ("paraphrases (mock similar)", bodies(prompts.mock.iter().map(|(_, s)| s).collect())),
             ("misses (held-out prompts)", bodies(prompts.queries.iter().collect())),
         ];
+        let only = std::env::var("SEMCACHE_LOAD_WORKLOADS").unwrap_or_default();
+        let chosen = |name: &str| {
+            only.is_empty() || only.split(',').any(|w| name.starts_with(w.trim()))
+        };
         println!("| workload | concurrency | requests/s | p50 ms | p90 ms | p99 ms | hit rate | errors |");
         println!("|---|---|---|---|---|---|---|---|");
-        for (name, bodies) in &workloads {
+        for (name, bodies) in workloads.iter().filter(|(name, _)| chosen(name)) {
             for &c in &concurrencies {
                 let run = drive(&client, &search, bodies.clone(), c, Duration::from_secs(seconds)).await;
                 let l = &run.latencies_ms;

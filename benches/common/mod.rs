@@ -22,10 +22,13 @@ pub fn load_prompts<T: serde::de::DeserializeOwned>() -> Option<T> {
 }
 
 /// Starts `semcache serve` on `data_dir` and returns it with its base URL once it
-/// listens (not yet ready); its stdout keeps being drained.
+/// listens (not yet ready); its stdout keeps being drained. `SEMCACHE_BENCH_SERVER`
+/// names another build's binary to run instead (for A/B runs between builds).
 #[allow(dead_code)] // not every benchmark starts a server
 pub fn start_server(data_dir: &Path) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_semcache"))
+    let binary = std::env::var_os("SEMCACHE_BENCH_SERVER")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_semcache").into());
+    let mut child = Command::new(binary)
         .args(["serve", "--addr", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
         .env("SEMCACHE_LOG", "warn")

@@ -317,8 +317,10 @@ impl CacheService {
                 } else {
                     let state = service.state_or_create(&cache_id);
                     let slots = generation.read().slot_count();
+                    // An outdated save counts as none, so upkeep replaces it soon.
+                    let outdated = generation.index.loaded_from_outdated_save();
                     *state.saved.lock().unwrap_or_else(|p| p.into_inner()) =
-                        Some((generation.serial, slots));
+                        (!outdated).then_some((generation.serial, slots));
                     state.replace(generation);
                 }
             }

@@ -3,17 +3,22 @@
 //! The index knows only slots (dense `usize` ids) and vectors; what a slot means, and
 //! whether it is still alive, belongs to the caller, which passes a filter to each search.
 //! hnsw_rs cannot delete, so dead slots stay in the graph as tombstones and are filtered.
+//!
+//! The graph holds its vectors as f16 (callers pass and get f32): half the memory and
+//! half the saved data file, and inserts about a quarter faster (less memory traffic
+//! per distance) with the same recall; a similarity is off by at most about 1e-3.
 
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::mem::size_of;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::Mutex;
 
+use half::f16;
 use hnsw_rs::anndists::dist::Distance;
 use hnsw_rs::api::AnnT;
-use hnsw_rs::hnswio::{load_description, HnswIo};
+use hnsw_rs::hnswio::{load_description, Description, HnswIo};
 use hnsw_rs::prelude::Hnsw;
 
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +33,11 @@ pub enum IndexError {
 
 /// File name stem of a saved graph: `graph.hnsw.graph` and `graph.hnsw.data`.
 const SAVED_BASENAME: &str = "graph";
+/// Stem of the f16 copy made of a graph saved with f32 vectors, while it loads.
+const UPGRADE_BASENAME: &str = "upgrade";
+
+/// How the graph stores each vector component.
+type Element = f16;
 
 /// The files [`VectorIndex::save`] writes into `dir`: hnsw_rs's graph, then its vectors.
 pub fn saved_files(dir: &Path) -> [std::path::PathBuf; 2] {
@@ -44,10 +54,52 @@ pub fn saved_files(dir: &Path) -> [std::path::PathBuf; 2] {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CosineDistance;
 
+impl Distance<Element> for CosineDistance {
+    fn eval(&self, a: &[Element], b: &[Element]) -> f32 {
+        (1.0 - dot_f16(a, b)).max(0.0)
+    }
+}
+
+/// Graphs saved before the f16 change held f32 vectors; tests write such graphs.
+#[cfg(test)]
 impl Distance<f32> for CosineDistance {
     fn eval(&self, a: &[f32], b: &[f32]) -> f32 {
         (1.0 - dot(a, b)).max(0.0)
     }
+}
+
+fn to_elements(v: &[f32]) -> Vec<Element> {
+    v.iter().map(|x| f16::from_f32(*x)).collect()
+}
+
+/// Dot product of two f16 vectors, summed in f32.
+fn dot_f16(a: &[f16], b: &[f16]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if simd::has_avx2_fma_f16c() {
+            // SAFETY: the CPU supports AVX2, FMA and F16C (checked once, cached).
+            return unsafe { simd::dot_f16_avx2_fma(a, b) };
+        }
+    }
+    dot_f16_portable(a, b)
+}
+
+fn dot_f16_portable(a: &[f16], b: &[f16]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (chunks_a, chunks_b) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = chunks_a
+        .remainder()
+        .iter()
+        .zip(chunks_b.remainder())
+        .map(|(x, y)| x.to_f32() * y.to_f32())
+        .sum();
+    for (ca, cb) in chunks_a.zip(chunks_b) {
+        for i in 0..8 {
+            lanes[i] += ca[i].to_f32() * cb[i].to_f32();
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// Dot product of two equally long slices.
@@ -98,6 +150,48 @@ mod simd {
         })
     }
 
+    pub fn has_avx2_fma_f16c() -> bool {
+        static DETECTED: OnceLock<bool> = OnceLock::new();
+        *DETECTED.get_or_init(|| has_avx2_fma() && std::arch::is_x86_feature_detected!("f16c"))
+    }
+
+    /// Sums eight lanes into one.
+    #[target_feature(enable = "avx2")]
+    unsafe fn horizontal_sum(sum: __m256) -> f32 {
+        let half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+        let pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
+        _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)))
+    }
+
+    /// As [`dot_avx2_fma`], widening eight f16 at a time to f32 (F16C).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_f16_avx2_fma(a: &[half::f16], b: &[half::f16]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr() as *const __m128i, b.as_ptr() as *const __m128i);
+        let load =
+            |p: *const __m128i, i: usize| _mm256_cvtph_ps(_mm_loadu_si128(p.byte_add(i * 2)));
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= n {
+            for (lane, sum) in acc.iter_mut().enumerate() {
+                let at = i + lane * 8;
+                *sum = _mm256_fmadd_ps(load(pa, at), load(pb, at), *sum);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            acc[0] = _mm256_fmadd_ps(load(pa, i), load(pb, i), acc[0]);
+            i += 8;
+        }
+        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let mut total = horizontal_sum(sum);
+        while i < n {
+            total += a[i].to_f32() * b[i].to_f32();
+            i += 1;
+        }
+        total
+    }
+
     /// Four 8-wide accumulators hide the FMA latency.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_avx2_fma(a: &[f32], b: &[f32]) -> f32 {
@@ -120,10 +214,7 @@ mod simd {
             i += 8;
         }
         let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        let half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
-        let pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
-        let single = _mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1));
-        let mut total = _mm_cvtss_f32(single);
+        let mut total = horizontal_sum(sum);
         while i < n {
             total += *pa.add(i) * *pb.add(i);
             i += 1;
@@ -153,12 +244,15 @@ impl Default for IndexParams {
 const MAX_LAYERS: usize = 16;
 
 pub struct VectorIndex {
-    hnsw: Hnsw<'static, f32, CosineDistance>,
+    hnsw: Hnsw<'static, Element, CosineDistance>,
     dimensions: usize,
     params: IndexParams,
     /// hnsw_rs loses points when inserts race (hnsw_rs #32), so inserts take turns;
     /// searches never wait for this.
     insert_lock: Mutex<()>,
+    /// Loaded from a save in an older format (f32 vectors), converted on every load
+    /// until it is saved again.
+    outdated_save: bool,
 }
 
 /// One search result: a slot and its cosine similarity to the query.
@@ -182,6 +276,7 @@ impl VectorIndex {
             dimensions,
             params,
             insert_lock: Mutex::new(()),
+            outdated_save: false,
         }
     }
 
@@ -209,21 +304,45 @@ impl VectorIndex {
 
     /// Reads a graph written by [`VectorIndex::save`]. Damaged or foreign files are an
     /// error (never a panic), and so is a graph of other dimensions or build parameters.
+    /// A graph saved with f32 vectors (before they were stored as f16) loads from an f16
+    /// copy made beside it, and is saved as f16 next time.
     pub fn load(dir: &Path, dimensions: usize, params: IndexParams) -> Result<Self, IndexError> {
         let file_error = |reason: String| IndexError::File {
             path: dir.display().to_string(),
             reason,
         };
-        check_data_file(dir).map_err(file_error)?;
+        let header = check_data_file(dir).map_err(file_error)?;
+        let basename = if header.t_name == std::any::type_name::<f32>() {
+            let started = std::time::Instant::now();
+            let upgraded = upgrade_f32_save(dir, &header);
+            if upgraded.is_err() {
+                remove_upgrade(dir);
+            }
+            upgraded.map_err(|e| file_error(format!("cannot convert f32 vectors to f16: {e}")))?;
+            tracing::info!(
+                dir = %dir.display(),
+                points = header.nb_point,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "saved graph converted from f32 to f16 vectors"
+            );
+            UPGRADE_BASENAME
+        } else {
+            SAVED_BASENAME
+        };
         // hnsw_rs ties a loaded graph's lifetime to its loader (for memory-mapped data,
         // which we do not use); the loader is a few hundred bytes, kept for good.
-        let loader: &'static mut HnswIo = Box::leak(Box::new(HnswIo::new(dir, SAVED_BASENAME)));
-        let hnsw: Hnsw<'static, f32, CosineDistance> = catch_unwind(AssertUnwindSafe(move || {
+        let loader: &'static mut HnswIo = Box::leak(Box::new(HnswIo::new(dir, basename)));
+        let loaded = catch_unwind(AssertUnwindSafe(move || {
             let loader = loader; // moved, so the closure is FnOnce and may return it
-            loader.load_hnsw::<f32, CosineDistance>()
-        }))
-        .map_err(|p| file_error(panic_text(p)))?
-        .map_err(|e| file_error(e.to_string()))?;
+            loader.load_hnsw::<Element, CosineDistance>()
+        }));
+        if basename == UPGRADE_BASENAME {
+            // Everything is in memory now; the saved f32 files stay as they were.
+            remove_upgrade(dir);
+        }
+        let hnsw: Hnsw<'static, Element, CosineDistance> = loaded
+            .map_err(|p| file_error(panic_text(p)))?
+            .map_err(|e| file_error(e.to_string()))?;
         if hnsw.get_nb_point() > 0 && hnsw.get_point_indexation().get_data_dimension() != dimensions
         {
             return Err(IndexError::Dimension {
@@ -247,7 +366,13 @@ impl VectorIndex {
             dimensions,
             params,
             insert_lock: Mutex::new(()),
+            outdated_save: basename == UPGRADE_BASENAME,
         })
+    }
+
+    /// Whether this index came from a save in an older format, which a new save replaces.
+    pub fn loaded_from_outdated_save(&self) -> bool {
+        self.outdated_save
     }
 
     pub fn params(&self) -> IndexParams {
@@ -284,8 +409,10 @@ impl VectorIndex {
     pub fn insert(&self, slot: usize, vector: &[f32]) -> Result<(), IndexError> {
         self.check(vector)?;
         let _turn = self.insert_lock.lock().unwrap_or_else(|p| p.into_inner());
-        catch_unwind(AssertUnwindSafe(|| self.hnsw.insert_slice((vector, slot))))
-            .map_err(|p| IndexError::Internal(panic_text(p)))
+        catch_unwind(AssertUnwindSafe(|| {
+            self.hnsw.insert_slice((&to_elements(vector), slot))
+        }))
+        .map_err(|p| IndexError::Internal(panic_text(p)))
     }
 
     /// The `k` nearest slots accepted by `keep`, best first.
@@ -300,6 +427,8 @@ impl VectorIndex {
             return Ok(Vec::new());
         }
         let ef = self.params.ef_search.max(k);
+        let query = to_elements(query);
+        let query = query.as_slice();
         let to_neighbours = |found: Vec<hnsw_rs::prelude::Neighbour>| -> Vec<Neighbour> {
             found
                 .into_iter()
@@ -332,21 +461,25 @@ impl VectorIndex {
 /// hnsw_rs ends the whole process (exit status 1) when a saved data file holds fewer
 /// vectors than its graph names, which at start-up would be a crash loop. So the data
 /// file's length is checked against the graph's header first: a damaged save becomes an
-/// error, and the caller rebuilds that cache from the store.
-fn check_data_file(dir: &Path) -> Result<(), String> {
+/// error, and the caller rebuilds that cache from the store. Returns the graph's header.
+fn check_data_file(dir: &Path) -> Result<Description, String> {
     let [graph, data] = saved_files(dir);
     let mut reader = BufReader::new(File::open(&graph).map_err(|e| e.to_string())?);
     let header = catch_unwind(AssertUnwindSafe(|| load_description(&mut reader)))
         .map_err(panic_text)?
         .map_err(|e| e.to_string())?;
-    // Layout (hnsw_rs 0.3 dump): magic u32 and dimension usize, then per point magic
-    // u32, id u64, byte length u64 and the f32 values.
-    let head = size_of::<u32>() + size_of::<usize>();
-    let per_point = size_of::<u32>() + 2 * size_of::<u64>() + header.dimension * size_of::<f32>();
+    let element = if header.t_name == std::any::type_name::<Element>() {
+        size_of::<Element>()
+    } else if header.t_name == std::any::type_name::<f32>() {
+        size_of::<f32>()
+    } else {
+        return Err(format!("vectors of type {} are not ours", header.t_name));
+    };
+    let per_point = DATA_RECORD_HEAD + header.dimension * element;
     let expected = header
         .nb_point
         .checked_mul(per_point)
-        .and_then(|body| body.checked_add(head))
+        .and_then(|body| body.checked_add(DATA_HEAD))
         .ok_or("graph header names an impossible size")?;
     let found = std::fs::metadata(&data).map_err(|e| e.to_string())?.len();
     if found != expected as u64 {
@@ -355,7 +488,85 @@ fn check_data_file(dir: &Path) -> Result<(), String> {
             header.nb_point
         ));
     }
-    Ok(())
+    Ok(header)
+}
+
+// Layout of hnsw_rs 0.3's data file: magic u32 and dimension usize, then per point
+// magic u32, id u64, byte length u64 and the raw values.
+const DATA_HEAD: usize = size_of::<u32>() + size_of::<usize>();
+const DATA_RECORD_HEAD: usize = size_of::<u32>() + 2 * size_of::<u64>();
+
+/// Writes an f16 copy of a graph saved with f32 vectors, as `upgrade.hnsw.*` in `dir`:
+/// the same graph file with the element type renamed in its header, and every vector
+/// record narrowed. `header` comes from [`check_data_file`], so the data file's size
+/// is already known to match.
+fn upgrade_f32_save(dir: &Path, header: &Description) -> std::io::Result<()> {
+    let invalid =
+        |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    let [graph, data] = saved_files(dir);
+    let [new_graph, new_data] = [
+        dir.join(format!("{UPGRADE_BASENAME}.hnsw.graph")),
+        dir.join(format!("{UPGRADE_BASENAME}.hnsw.data")),
+    ];
+
+    // The graph header ends with the element type's name, length first (usize).
+    let old_name = header.t_name.as_bytes();
+    let header_len = size_of::<u32>()
+        + 2
+        + size_of::<f64>()
+        + 1
+        + 3 * size_of::<usize>()
+        + size_of::<usize>()
+        + header.distname.len()
+        + size_of::<usize>()
+        + old_name.len();
+    let mut input = BufReader::new(File::open(&graph)?);
+    let mut head = vec![0u8; header_len];
+    input.read_exact(&mut head)?;
+    let name_at = header_len - old_name.len();
+    let length_at = name_at - size_of::<usize>();
+    if &head[name_at..] != old_name || head[length_at..name_at] != old_name.len().to_ne_bytes() {
+        return Err(invalid("unexpected graph header layout"));
+    }
+    let new_name = std::any::type_name::<Element>().as_bytes();
+    let mut output = BufWriter::new(File::create(&new_graph)?);
+    output.write_all(&head[..length_at])?;
+    output.write_all(&new_name.len().to_ne_bytes())?;
+    output.write_all(new_name)?;
+    std::io::copy(&mut input, &mut output)?;
+    output
+        .into_inner()
+        .map_err(|e| e.into_error())?
+        .sync_all()?;
+
+    let mut input = BufReader::new(File::open(&data)?);
+    let mut output = BufWriter::new(File::create(&new_data)?);
+    let mut head = [0u8; DATA_HEAD];
+    input.read_exact(&mut head)?;
+    output.write_all(&head)?;
+    let mut record = [0u8; DATA_RECORD_HEAD];
+    let mut values = vec![0u8; header.dimension * size_of::<f32>()];
+    let narrow_len = (header.dimension * size_of::<Element>()) as u64;
+    for _ in 0..header.nb_point {
+        input.read_exact(&mut record)?;
+        if record[DATA_RECORD_HEAD - 8..] != (values.len() as u64).to_ne_bytes() {
+            return Err(invalid("vector record of unexpected length"));
+        }
+        input.read_exact(&mut values)?;
+        output.write_all(&record[..DATA_RECORD_HEAD - 8])?;
+        output.write_all(&narrow_len.to_ne_bytes())?;
+        for value in values.chunks_exact(4) {
+            let value = f32::from_ne_bytes([value[0], value[1], value[2], value[3]]);
+            output.write_all(&f16::from_f32(value).to_bits().to_ne_bytes())?;
+        }
+    }
+    output.into_inner().map_err(|e| e.into_error())?.sync_all()
+}
+
+fn remove_upgrade(dir: &Path) {
+    for ext in ["graph", "data"] {
+        let _ = std::fs::remove_file(dir.join(format!("{UPGRADE_BASENAME}.hnsw.{ext}")));
+    }
 }
 
 fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {
@@ -469,6 +680,75 @@ mod tests {
     }
 
     #[test]
+    fn a_graph_saved_with_f32_vectors_loads_as_f16() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(14);
+        let points: Vec<Vec<f32>> = (0..400).map(|_| random_unit(&mut rng, 32)).collect();
+        // What earlier versions saved: the same distance over f32 vectors.
+        let old: Hnsw<f32, CosineDistance> = Hnsw::new(16, 400, MAX_LAYERS, 200, CosineDistance);
+        for (slot, p) in points.iter().enumerate() {
+            old.insert_slice((p, slot * 3));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        old.file_dump(dir.path(), SAVED_BASENAME).unwrap();
+        let before: Vec<Vec<u8>> = saved_files(dir.path())
+            .iter()
+            .map(|f| std::fs::read(f).unwrap())
+            .collect();
+
+        let loaded = VectorIndex::load(dir.path(), 32, IndexParams::default()).unwrap();
+        assert_eq!(loaded.len(), 400);
+        assert!(loaded.loaded_from_outdated_save());
+        for (slot, p) in points.iter().enumerate() {
+            let found = loaded.search(p, 1, &|_| true).unwrap();
+            assert_eq!(found[0].slot, slot * 3);
+            assert!((found[0].similarity - 1.0).abs() < 1e-3);
+            let expected = old.search(p, 5, 64);
+            let got = loaded.search(p, 5, &|_| true).unwrap();
+            for (e, g) in expected.iter().zip(&got) {
+                assert!((1.0 - e.distance - g.similarity).abs() < 2e-3);
+            }
+        }
+        // The saved files are untouched (their checksums still hold) and the f16 copy
+        // is gone; a save writes f16, which loads directly.
+        let after: Vec<Vec<u8>> = saved_files(dir.path())
+            .iter()
+            .map(|f| std::fs::read(f).unwrap())
+            .collect();
+        assert!(before == after);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+        let resaved = tempfile::tempdir().unwrap();
+        loaded.save(resaved.path()).unwrap();
+        let header = check_data_file(resaved.path()).unwrap();
+        assert_eq!(header.t_name, std::any::type_name::<Element>());
+        let data_len = std::fs::metadata(&saved_files(resaved.path())[1])
+            .unwrap()
+            .len();
+        assert_eq!(
+            data_len as usize,
+            DATA_HEAD + 400 * (DATA_RECORD_HEAD + 32 * 2)
+        );
+        let reloaded = VectorIndex::load(resaved.path(), 32, IndexParams::default()).unwrap();
+        assert_eq!(reloaded.len(), 400);
+        assert!(!reloaded.loaded_from_outdated_save());
+    }
+
+    #[test]
+    fn f16_dot_matches_the_f32_one() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(15);
+        for len in [0, 1, 7, 8, 31, 32, 33, 384] {
+            let a = random_unit(&mut rng, len.max(1));
+            let b = random_unit(&mut rng, len.max(1));
+            let (a, b) = (&a[..len], &b[..len]);
+            let (na, nb) = (to_elements(a), to_elements(b));
+            assert!((dot_f16(&na, &nb) - dot(a, b)).abs() < 1e-3, "len {len}");
+            assert!(
+                (dot_f16_portable(&na, &nb) - dot(a, b)).abs() < 1e-3,
+                "len {len}"
+            );
+        }
+    }
+
+    #[test]
     fn a_truncated_data_file_is_an_error_not_an_exit() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(13);
         let index = VectorIndex::new(32, 0, IndexParams::default());
@@ -479,7 +759,7 @@ mod tests {
         index.save(dir.path()).unwrap();
         let data = dir.path().join("graph.hnsw.data");
         let bytes = std::fs::read(&data).unwrap();
-        let record = 20 + 32 * 4;
+        let record = DATA_RECORD_HEAD + 32 * size_of::<Element>();
         // Cut at a record boundary (hnsw_rs exits the process there) and mid-record.
         for keep in [bytes.len() - 10 * record, bytes.len() - record / 2] {
             std::fs::write(&data, &bytes[..keep]).unwrap();
