@@ -86,20 +86,7 @@ fn dot_f16(a: &[f16], b: &[f16]) -> f32 {
 }
 
 fn dot_f16_portable(a: &[f16], b: &[f16]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (chunks_a, chunks_b) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = chunks_a
-        .remainder()
-        .iter()
-        .zip(chunks_b.remainder())
-        .map(|(x, y)| x.to_f32() * y.to_f32())
-        .sum();
-    for (ca, cb) in chunks_a.zip(chunks_b) {
-        for i in 0..8 {
-            lanes[i] += ca[i].to_f32() * cb[i].to_f32();
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
+    dot_lanes(a, b, f16::to_f32)
 }
 
 /// Dot product of two equally long slices.
@@ -118,20 +105,23 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     dot_portable(a, b)
 }
 
-/// Eight independent lanes, which the compiler vectorises for any target.
 fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    dot_lanes(a, b, |x| x)
+}
+
+/// Eight independent lanes, which the compiler vectorises for any target.
+fn dot_lanes<T: Copy>(a: &[T], b: &[T], widen: impl Fn(T) -> f32) -> f32 {
     let mut lanes = [0f32; 8];
-    let chunks_a = a.chunks_exact(8);
-    let chunks_b = b.chunks_exact(8);
+    let (chunks_a, chunks_b) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = chunks_a
         .remainder()
         .iter()
         .zip(chunks_b.remainder())
-        .map(|(x, y)| x * y)
+        .map(|(x, y)| widen(*x) * widen(*y))
         .sum();
     for (ca, cb) in chunks_a.zip(chunks_b) {
         for i in 0..8 {
-            lanes[i] += ca[i] * cb[i];
+            lanes[i] += widen(ca[i]) * widen(cb[i]);
         }
     }
     lanes.iter().sum::<f32>() + tail
