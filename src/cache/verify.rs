@@ -111,6 +111,20 @@ const NUMBER_WORDS: &[(&str, &str)] = &[
 
 const OPERATOR_WORDS: &[(&str, char)] = &[("plus", '+'), ("minus", '-'), ("times", '*')];
 
+/// Scale words that name no number after a vague quantifier ("several thousand").
+const SCALE_WORDS: &[&str] = &["hundred", "thousand", "million", "billion"];
+const VAGUE_QUANTIFIERS: &[&str] = &["several", "few", "many", "some", "multiple", "numerous"];
+
+/// Where a word stands in its text, as far as the rules care.
+#[derive(Clone, Copy, Default)]
+struct Context {
+    sentence_start: bool,
+    /// Followed by a comma ("No, …" answers; it negates nothing).
+    before_comma: bool,
+    /// Joined by a hyphen to a word ("non-zero", "zero-copy", "two-step").
+    hyphenated: bool,
+}
+
 fn is_word_char(c: char) -> bool {
     c.is_alphanumeric() || c == '_' || c == '\''
 }
@@ -121,6 +135,8 @@ impl Signature {
         let mut sig = Signature::default();
         let mut skeleton = Vec::new();
         let mut sentence_start = true;
+        let mut previous = String::new();
+        let mut open_parens = 0usize;
         let mut chars = text.char_indices().peekable();
         while let Some((start, c)) = chars.next() {
             if is_word_char(c) {
@@ -134,8 +150,32 @@ impl Signature {
                     }
                 }
                 let raw = text[start..end].trim_matches('\'');
-                sig.add_word(raw, sentence_start, &mut skeleton);
+                let (before, after) = (&text[..start], &text[end..]);
+                let joined = |hyphen: Option<char>, letter: Option<char>| {
+                    hyphen == Some('-') && letter.is_some_and(char::is_alphabetic)
+                };
+                let mut back = before.chars().rev();
+                let mut ahead = after.chars();
+                let context = Context {
+                    sentence_start,
+                    before_comma: after.starts_with(','),
+                    hyphenated: joined(back.next(), back.next())
+                        || joined(ahead.next(), ahead.next()),
+                };
+                sig.add_word(raw, &previous, context, &mut skeleton);
+                previous = raw.to_lowercase();
                 sentence_start = false;
+            } else if c == '(' {
+                open_parens += 1;
+            } else if c == ')' && open_parens > 0 {
+                open_parens -= 1;
+            } else if c == ')' {
+                // "1) download, 2) generate": list markers, not quantities.
+                let after_digit = text[..start].ends_with(|c: char| c.is_ascii_digit());
+                if after_digit && matches!(skeleton.last(), Some(Tok::Num(_))) {
+                    skeleton.pop();
+                    skeleton.push(Tok::Break);
+                }
             } else if matches!(
                 c,
                 '+' | '-' | '*' | '/' | '^' | '%' | '=' | '<' | '>' | '×' | '÷'
@@ -150,7 +190,7 @@ impl Signature {
         sig
     }
 
-    fn add_word(&mut self, raw: &str, sentence_start: bool, skeleton: &mut Vec<Tok>) {
+    fn add_word(&mut self, raw: &str, previous: &str, at: Context, skeleton: &mut Vec<Tok>) {
         if raw.is_empty() {
             return;
         }
@@ -160,21 +200,33 @@ impl Signature {
             .strip_suffix("'s")
             .map(str::to_string)
             .unwrap_or(lower);
+        // "v2.10.0" is version 2.10.0.
+        let version = lower
+            .strip_prefix('v')
+            .filter(|rest| rest.starts_with(|c: char| c.is_ascii_digit()));
+        let spelled = NUMBER_WORDS.iter().find(|(w, _)| *w == lower).filter(|_| {
+            let vague =
+                SCALE_WORDS.contains(&lower.as_str()) && VAGUE_QUANTIFIERS.contains(&previous);
+            !at.hyphenated && !vague
+        });
         if raw.starts_with(|c: char| c.is_ascii_digit()) {
             skeleton.push(Tok::Num(lower.replace(',', "")));
-        } else if let Some((_, n)) = NUMBER_WORDS.iter().find(|(w, _)| *w == lower) {
+        } else if let Some(number) = version {
+            skeleton.push(Tok::Num(number.replace(',', "")));
+        } else if let Some((_, n)) = spelled {
             skeleton.push(Tok::Num(n.to_string()));
         } else if let Some((_, op)) = OPERATOR_WORDS.iter().find(|(w, _)| *w == lower) {
             skeleton.push(Tok::Op(*op));
         } else {
             skeleton.push(Tok::Break);
         }
-        if NEGATIONS.contains(&lower.as_str()) || lower.ends_with("n't") {
+        let answer_particle = lower == "no" && at.sentence_start && at.before_comma;
+        if (NEGATIONS.contains(&lower.as_str()) || lower.ends_with("n't")) && !answer_particle {
             self.negations += 1;
         }
         let first = raw.chars().next().unwrap_or(' ');
         let has_inner_capital = raw.chars().skip(1).any(|c| c.is_uppercase());
-        let capitalised = (first.is_uppercase() && !sentence_start) || has_inner_capital;
+        let capitalised = (first.is_uppercase() && !at.sentence_start) || has_inner_capital;
         if capitalised && !STOPWORDS.contains(&lower.as_str()) {
             self.entities.insert(lower.clone());
         }
@@ -329,6 +381,60 @@ mod tests {
         assert!(matches!(
             verdict("I need two tickets", "I need 3 tickets"),
             Err(Rejection::NumbersDiffer { .. })
+        ));
+    }
+
+    #[test]
+    fn counts_that_are_not_quantities() {
+        // Versions, list markers, vague scales and hyphenated compounds (GPTCache's pairs).
+        assert!(verdict(
+            "No, it doesn't exist in v2.10.0.",
+            "It is not available in version 2.10.0."
+        )
+        .is_ok());
+        assert!(verdict(
+            "It loads several thousand audio files",
+            "It loads thousands of audio files"
+        )
+        .is_ok());
+        assert!(verdict("Set it to a non-zero value", "Set it to a nonzero value").is_ok());
+        assert!(
+            Signature::of("Arrow allows zero-copy reads in two-step jobs")
+                .numbers
+                .is_empty()
+        );
+        assert!(verdict(
+            "It works in steps: 1) download the files, 2) build the dataset",
+            "It works in steps: download the files, then build the dataset"
+        )
+        .is_ok());
+        // Real quantities still count.
+        for (a, b) in [
+            (
+                "It loads two thousand files",
+                "It loads three thousand files",
+            ),
+            ("Is v2 faster than v3?", "Is v2 faster than v4?"),
+            ("What is (2) plus 2?", "What is (2) plus 3?"),
+        ] {
+            assert!(
+                matches!(verdict(a, b), Err(Rejection::NumbersDiffer { .. })),
+                "{a} / {b}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_leading_no_answers_rather_than_negates() {
+        assert!(verdict("No, I don't want a refund", "I don't want a refund").is_ok());
+        assert!(verdict("No, it is not there", "It is not there").is_ok());
+        assert!(matches!(
+            verdict("No, I want a refund", "I don't want a refund"),
+            Err(Rejection::NegationDiffers { .. })
+        ));
+        assert!(matches!(
+            verdict("There is no refund", "There is a refund"),
+            Err(Rejection::NegationDiffers { .. })
         ));
     }
 
