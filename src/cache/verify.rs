@@ -135,7 +135,7 @@ impl Signature {
         let mut sig = Signature::default();
         let mut skeleton = Vec::new();
         let mut sentence_start = true;
-        let mut previous = String::new();
+        let mut after_vague_quantifier = false;
         let mut open_parens = 0usize;
         let mut chars = text.char_indices().peekable();
         while let Some((start, c)) = chars.next() {
@@ -162,8 +162,8 @@ impl Signature {
                     hyphenated: joined(back.next(), back.next())
                         || joined(ahead.next(), ahead.next()),
                 };
-                sig.add_word(raw, &previous, context, &mut skeleton);
-                previous = raw.to_lowercase();
+                after_vague_quantifier =
+                    sig.add_word(raw, after_vague_quantifier, context, &mut skeleton);
                 sentence_start = false;
             } else if c == '(' {
                 open_parens += 1;
@@ -190,9 +190,16 @@ impl Signature {
         sig
     }
 
-    fn add_word(&mut self, raw: &str, previous: &str, at: Context, skeleton: &mut Vec<Tok>) {
+    /// Records one word; returns whether it is a vague quantifier ("several").
+    fn add_word(
+        &mut self,
+        raw: &str,
+        after_vague_quantifier: bool,
+        at: Context,
+        skeleton: &mut Vec<Tok>,
+    ) -> bool {
         if raw.is_empty() {
-            return;
+            return false;
         }
         let lower = raw.to_lowercase();
         // "France's" names France.
@@ -205,8 +212,7 @@ impl Signature {
             .strip_prefix('v')
             .filter(|rest| rest.starts_with(|c: char| c.is_ascii_digit()));
         let spelled = NUMBER_WORDS.iter().find(|(w, _)| *w == lower).filter(|_| {
-            let vague =
-                SCALE_WORDS.contains(&lower.as_str()) && VAGUE_QUANTIFIERS.contains(&previous);
+            let vague = SCALE_WORDS.contains(&lower.as_str()) && after_vague_quantifier;
             !at.hyphenated && !vague
         });
         if raw.starts_with(|c: char| c.is_ascii_digit()) {
@@ -230,7 +236,9 @@ impl Signature {
         if capitalised && !STOPWORDS.contains(&lower.as_str()) {
             self.entities.insert(lower.clone());
         }
+        let vague_quantifier = VAGUE_QUANTIFIERS.contains(&lower.as_str());
         self.words.insert(lower);
+        vague_quantifier
     }
 
     /// Share of words the two prompts have in common (Jaccard), negations aside, so
