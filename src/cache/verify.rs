@@ -115,14 +115,54 @@ const OPERATOR_WORDS: &[(&str, char)] = &[("plus", '+'), ("minus", '-'), ("times
 const SCALE_WORDS: &[&str] = &["hundred", "thousand", "million", "billion"];
 const VAGUE_QUANTIFIERS: &[&str] = &["several", "few", "many", "some", "multiple", "numerous"];
 
+/// What the word before this one was, as far as the rules care.
+#[derive(Clone, Copy, Default, PartialEq)]
+enum Previous {
+    #[default]
+    Other,
+    /// "several", "few", …: a scale word after it is no number.
+    VagueQuantifier,
+    /// "… or not?": the question offers both answers; it negates nothing.
+    Or,
+    /// "If not, why?" likewise.
+    If,
+}
+
 /// Where a word stands in its text, as far as the rules care.
-#[derive(Clone, Copy, Default)]
-struct Context {
+#[derive(Clone, Copy)]
+struct Context<'a> {
     sentence_start: bool,
-    /// Followed by a comma ("No, …" answers; it negates nothing).
-    before_comma: bool,
+    previous: Previous,
     /// Joined by a hyphen to a word ("non-zero", "zero-copy", "two-step").
     hyphenated: bool,
+    /// The alternative after a slash ("should/shouldn't").
+    after_slash: bool,
+    /// The text after the word.
+    rest: &'a str,
+}
+
+impl Context<'_> {
+    /// A negation that poses both answers or answers the question rather than
+    /// negating it: "No, …", "… or not?", "Why or why not?", "If not, why?",
+    /// "should/shouldn't".
+    fn negates_nothing(&self, word: &str) -> bool {
+        let next_word = || {
+            let rest = self.rest.trim_start();
+            let end = rest
+                .find(|c: char| !c.is_alphabetic())
+                .unwrap_or(rest.len());
+            rest[..end].to_lowercase()
+        };
+        match word {
+            "no" => self.sentence_start && self.rest.starts_with(','),
+            "not" if self.previous == Previous::Or => true,
+            "not" if self.previous == Previous::If => {
+                self.rest.trim_start().starts_with([',', '?', '.'])
+                    || matches!(next_word().as_str(), "then" | "why")
+            }
+            _ => self.after_slash && word.ends_with("n't"),
+        }
+    }
 }
 
 fn is_word_char(c: char) -> bool {
@@ -135,7 +175,7 @@ impl Signature {
         let mut sig = Signature::default();
         let mut skeleton = Vec::new();
         let mut sentence_start = true;
-        let mut after_vague_quantifier = false;
+        let mut previous = Previous::Other;
         let mut open_parens = 0usize;
         let mut chars = text.char_indices().peekable();
         while let Some((start, c)) = chars.next() {
@@ -158,12 +198,13 @@ impl Signature {
                 let mut ahead = after.chars();
                 let context = Context {
                     sentence_start,
-                    before_comma: after.starts_with(','),
+                    previous,
+                    after_slash: before.ends_with('/'),
                     hyphenated: joined(back.next(), back.next())
                         || joined(ahead.next(), ahead.next()),
+                    rest: after,
                 };
-                after_vague_quantifier =
-                    sig.add_word(raw, after_vague_quantifier, context, &mut skeleton);
+                previous = sig.add_word(raw, context, &mut skeleton);
                 sentence_start = false;
             } else if c == '(' {
                 open_parens += 1;
@@ -190,16 +231,10 @@ impl Signature {
         sig
     }
 
-    /// Records one word; returns whether it is a vague quantifier ("several").
-    fn add_word(
-        &mut self,
-        raw: &str,
-        after_vague_quantifier: bool,
-        at: Context,
-        skeleton: &mut Vec<Tok>,
-    ) -> bool {
+    /// Records one word; returns what the next word needs to know of it.
+    fn add_word(&mut self, raw: &str, at: Context, skeleton: &mut Vec<Tok>) -> Previous {
         if raw.is_empty() {
-            return false;
+            return Previous::Other;
         }
         let lower = raw.to_lowercase();
         // "France's" names France.
@@ -212,7 +247,8 @@ impl Signature {
             .strip_prefix('v')
             .filter(|rest| rest.starts_with(|c: char| c.is_ascii_digit()));
         let spelled = NUMBER_WORDS.iter().find(|(w, _)| *w == lower).filter(|_| {
-            let vague = SCALE_WORDS.contains(&lower.as_str()) && after_vague_quantifier;
+            let vague =
+                SCALE_WORDS.contains(&lower.as_str()) && at.previous == Previous::VagueQuantifier;
             !at.hyphenated && !vague
         });
         if raw.starts_with(|c: char| c.is_ascii_digit()) {
@@ -226,8 +262,9 @@ impl Signature {
         } else {
             skeleton.push(Tok::Break);
         }
-        let answer_particle = lower == "no" && at.sentence_start && at.before_comma;
-        if (NEGATIONS.contains(&lower.as_str()) || lower.ends_with("n't")) && !answer_particle {
+        if (NEGATIONS.contains(&lower.as_str()) || lower.ends_with("n't"))
+            && !at.negates_nothing(&lower)
+        {
             self.negations += 1;
         }
         let first = raw.chars().next().unwrap_or(' ');
@@ -236,9 +273,16 @@ impl Signature {
         if capitalised && !STOPWORDS.contains(&lower.as_str()) {
             self.entities.insert(lower.clone());
         }
-        let vague_quantifier = VAGUE_QUANTIFIERS.contains(&lower.as_str());
+        let kind = match lower.as_str() {
+            // "… or why not?"
+            "or" => Previous::Or,
+            "why" if at.previous == Previous::Or => Previous::Or,
+            "if" => Previous::If,
+            w if VAGUE_QUANTIFIERS.contains(&w) => Previous::VagueQuantifier,
+            _ => Previous::Other,
+        };
         self.words.insert(lower);
-        vague_quantifier
+        kind
     }
 
     /// Share of words the two prompts have in common (Jaccard), negations aside, so
@@ -433,7 +477,30 @@ mod tests {
     }
 
     #[test]
-    fn a_leading_no_answers_rather_than_negates() {
+    fn negations_that_pose_both_answers_negate_nothing() {
+        // QQP duplicates that differ only by an alternative-question tail.
+        for (a, b) in [
+            ("Are tachyons real or not?", "Are tachyons real?"),
+            (
+                "Is Daniel Tosh funny? Why or why not?",
+                "Is Daniel Tosh funny?",
+            ),
+            (
+                "Can we travel back in time? If not then why?",
+                "Can we travel back in time?",
+            ),
+            ("Is it safe? If not, why?", "Is it safe?"),
+            (
+                "Why should/shouldn't Puerto Rico become a state?",
+                "Why should Puerto Rico become a state?",
+            ),
+        ] {
+            assert!(verdict(a, b).is_ok(), "{a} / {b}");
+        }
+        assert!(matches!(
+            verdict("Is it safe if not cooked?", "Is it safe if cooked?"),
+            Err(Rejection::NegationDiffers { .. })
+        ));
         assert!(verdict("No, I don't want a refund", "I don't want a refund").is_ok());
         assert!(verdict("No, it is not there", "It is not there").is_ok());
         assert!(matches!(
