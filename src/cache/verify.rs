@@ -182,7 +182,14 @@ impl Signature {
             if is_word_char(c) {
                 let mut end = start + c.len_utf8();
                 while let Some(&(i, c)) = chars.peek() {
-                    if is_word_char(c) || (matches!(c, '.' | ',') && next_is_digit(&text, i)) {
+                    // "2.10.0" and "1,000" are one number; "Rs.500" and "500,1000" are not.
+                    let after_digit = text[..i].ends_with(|c: char| c.is_ascii_digit());
+                    let joins = match c {
+                        '.' => after_digit && next_is_digit(&text, i),
+                        ',' => after_digit && thousands_group_follows(&text, i),
+                        _ => false,
+                    };
+                    if is_word_char(c) || joins {
                         end = i + c.len_utf8();
                         chars.next();
                     } else {
@@ -252,7 +259,7 @@ impl Signature {
             !at.hyphenated && !vague
         });
         if raw.starts_with(|c: char| c.is_ascii_digit()) {
-            skeleton.push(Tok::Num(lower.replace(',', "")));
+            skeleton.push(Tok::Num(expand_thousands(&lower.replace(',', ""))));
         } else if let Some(number) = version {
             skeleton.push(Tok::Num(number.replace(',', "")));
         } else if let Some((_, n)) = spelled {
@@ -330,6 +337,23 @@ fn number_signature(skeleton: &[Tok]) -> Vec<String> {
     expressions.sort();
     numbers.extend(expressions);
     numbers
+}
+
+/// Whether exactly three digits follow the comma at `i`, as in "30,000".
+fn thousands_group_follows(text: &str, i: usize) -> bool {
+    let mut rest = text[i + 1..].chars();
+    (0..3).all(|_| rest.next().is_some_and(|c| c.is_ascii_digit()))
+        && !rest.next().is_some_and(|c| c.is_ascii_digit())
+}
+
+/// "25k" is 25000.
+fn expand_thousands(number: &str) -> String {
+    match number.strip_suffix('k') {
+        Some(digits) if !digits.is_empty() && digits.chars().all(|c| c.is_ascii_digit()) => {
+            format!("{digits}000")
+        }
+        _ => number.to_string(),
+    }
 }
 
 fn next_is_digit(text: &str, i: usize) -> bool {
@@ -460,6 +484,21 @@ mod tests {
             "It works in steps: download the files, then build the dataset"
         )
         .is_ok());
+        // Notation: "25k" is 25000, "Rs.500" is Rs 500, "500,1000" is two numbers.
+        for (a, b) in [
+            ("Best laptop under 25k?", "Best laptop under 25,000?"),
+            ("Best phone under 10K", "Best phone under 10000"),
+            (
+                "Will banning Rs.500 and Rs.1000 notes help?",
+                "Will banning Rs 500 and Rs 1000 notes help?",
+            ),
+            (
+                "Will banning 500,1000 notes help?",
+                "Will banning 500 and 1000 notes help?",
+            ),
+        ] {
+            assert!(verdict(a, b).is_ok(), "{a} / {b}");
+        }
         // Real quantities still count.
         for (a, b) in [
             (
@@ -468,6 +507,8 @@ mod tests {
             ),
             ("Is v2 faster than v3?", "Is v2 faster than v4?"),
             ("What is (2) plus 2?", "What is (2) plus 3?"),
+            ("Best laptop under 25k?", "Best laptop under 30k?"),
+            ("Is 2.5 more than 2.05?", "Is 2.5 more than 2.5?"),
         ] {
             assert!(
                 matches!(verdict(a, b), Err(Rejection::NumbersDiffer { .. })),
