@@ -15,3 +15,11 @@ pub mod index;
 pub mod metrics;
 pub mod server;
 pub mod store;
+
+/// One allocator for the server and for the tests and in-process benches that measure it.
+/// mimalloc over glibc's malloc, measured restarting 1,000,000 entries (BENCHMARKS.md):
+/// hnsw_rs allocates two small objects per graph link, and glibc spent ~15% of the load
+/// in malloc/free and ~48 bytes per 32-byte link. Built without transparent huge pages:
+/// on the VMs measured, first touches of huge pages cost twice as much as of 4 KiB pages.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -143,13 +143,6 @@ async fn load(args: ServeArgs, store: Store, state: AppState) -> anyhow::Result<
         Ok(CacheService::open(store, embedder, config)?)
     })
     .await??;
-    // Loading freed a lot (decoded records, hnsw_rs read buffers); give it back to the
-    // system rather than keep it as idle heap in the resident set.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free heap pages; it is safe at any time.
-    unsafe {
-        libc::malloc_trim(0);
-    }
     state.set_core(Arc::new(core));
     tracing::info!("ready");
     Ok(())
