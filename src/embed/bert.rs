@@ -86,6 +86,9 @@ impl BertBackend {
             unsafe { VarBuilder::from_mmaped_safetensors(&[&files.weights], DType::F32, device) }
                 .map_err(|e| load_error(&e, &files.weights))?;
         let packed = device.is_cpu() && kernels::available();
+        if packed {
+            tracing::info!(precision = ?kernels::Precision::for_this_cpu(), "dense layers run on the packed CPU kernels");
+        }
         Self::from_weights(vb, &config, device, packed).map_err(|e| load_error(&e, &files.weights))
     }
 
