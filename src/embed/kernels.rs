@@ -183,7 +183,7 @@ impl PackedLinear {
         )
     }
 
-    /// [`PackedLinear::new`] in a given precision (which the CPU must run).
+    /// [`PackedLinear::new`] in a given precision; `None` for bf16 where the CPU lacks it.
     pub fn with_precision(
         weight: &[f32],
         bias: &[f32],
@@ -194,6 +194,9 @@ impl PackedLinear {
     ) -> Option<Self> {
         assert_eq!(weight.len(), out_features * in_features);
         assert_eq!(bias.len(), out_features);
+        if precision == Precision::Bf16 && !bf16_available() {
+            return None;
+        }
         let fits = |w: &f32| match precision {
             Precision::F16 => w.abs() <= f32::from(half::f16::MAX),
             Precision::Bf16 => w.is_finite(),
@@ -914,6 +917,7 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 thread_local! {
     /// Per-thread buffer for a bf16 layer's inputs, reused across calls.
     static BF16_INPUT: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -1156,11 +1160,12 @@ mod tests {
         };
         assert!(f16(&[1.0, 7e4]).is_none());
         assert!(f16(&[1.0, f32::NAN]).is_none());
-        // bf16 has f32's range; only non-finite weights stay unpacked.
+        // bf16 has f32's range; only non-finite weights stay unpacked (and nothing where
+        // the CPU has no bf16 dot products).
         let bf16 = |w: &[f32]| {
             PackedLinear::with_precision(w, &[0.0], 1, 2, Activation::Identity, Precision::Bf16)
         };
-        assert!(bf16(&[1.0, 7e4]).is_some());
+        assert_eq!(bf16(&[1.0, 7e4]).is_some(), bf16_available());
         assert!(bf16(&[1.0, f32::INFINITY]).is_none());
     }
 
