@@ -4,8 +4,10 @@
 //! candle's CPU matmul (the `gemm` crate) packs both operands on every call; for a
 //! sentence embedder the weights never change, so packing them once at load saves that
 //! work (~20% of an embedding, measured with perf) and lets one small AVX2/FMA
-//! micro-kernel stream them. Bias and the exact (erf) GELU are fused into the same pass
-//! so the activation never makes another trip through candle.
+//! micro-kernel stream them (f16 weights), or, on CPUs with AVX-512 BF16, an AVX-512
+//! micro-kernel of bf16 dot products at twice the rate (see [`Precision`]). Bias and the
+//! exact (erf) GELU are fused into the same pass so the activation never makes another
+//! trip through candle.
 //!
 //! The embedder runs one worker per core. A layer is split across the cores that no
 //! worker is using at that moment (see [`busy`]): a lone request gets every core, a
