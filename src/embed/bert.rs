@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
 
-use super::kernels::{self, Activation, PackedLinear};
+use super::kernels::{self, Activation, PackedLinear, Precision};
 use super::provision::ModelFiles;
 use super::tokenize::TokenizedText;
 use super::EmbedError;
@@ -85,19 +85,21 @@ impl BertBackend {
         let vb =
             unsafe { VarBuilder::from_mmaped_safetensors(&[&files.weights], DType::F32, device) }
                 .map_err(|e| load_error(&e, &files.weights))?;
-        let packed = device.is_cpu() && kernels::available();
-        if packed {
-            tracing::info!(precision = ?kernels::Precision::for_this_cpu(), "dense layers run on the packed CPU kernels");
+        let packing =
+            (device.is_cpu() && kernels::available()).then(kernels::Precision::for_this_cpu);
+        if let Some(precision) = packing {
+            tracing::info!(?precision, "dense layers run on the packed CPU kernels");
         }
-        Self::from_weights(vb, &config, device, packed).map_err(|e| load_error(&e, &files.weights))
+        Self::from_weights(vb, &config, device, packing).map_err(|e| load_error(&e, &files.weights))
     }
 
-    /// `packed`: run the dense layers as packed CPU kernels instead of candle matmuls.
+    /// `packing`: run the dense layers as packed CPU kernels of that precision instead of
+    /// candle matmuls.
     fn from_weights(
         vb: VarBuilder,
         config: &BertConfig,
         device: &Device,
-        packed: bool,
+        packing: Option<Precision>,
     ) -> candle_core::Result<Self> {
         // Checkpoints exported from BertFor* models prefix every tensor with "bert.".
         let vb = if vb.contains_tensor("embeddings.word_embeddings.weight") {
@@ -122,7 +124,7 @@ impl BertBackend {
         let embeddings_norm =
             candle_nn::layer_norm(hidden, config.layer_norm_eps, emb.pp("LayerNorm"))?;
         let layers = (0..config.num_hidden_layers)
-            .map(|i| EncoderLayer::load(vb.pp(format!("encoder.layer.{i}")), config, packed))
+            .map(|i| EncoderLayer::load(vb.pp(format!("encoder.layer.{i}")), config, packing))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
             words,
@@ -134,7 +136,7 @@ impl BertBackend {
             max_positions: config.max_position_embeddings,
             device: device.clone(),
             dimensions: hidden,
-            ragged: packed,
+            ragged: packing.is_some(),
         })
     }
 
@@ -279,7 +281,11 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn load(vb: VarBuilder, config: &BertConfig, packed: bool) -> candle_core::Result<Self> {
+    fn load(
+        vb: VarBuilder,
+        config: &BertConfig,
+        packing: Option<Precision>,
+    ) -> candle_core::Result<Self> {
         let hidden = config.hidden_size;
         let head_size = hidden / config.num_attention_heads;
         let attention = vb.pp("attention.self");
@@ -295,17 +301,18 @@ impl EncoderLayer {
             Tensor::cat(&[(qw * scale)?, kw, vw], 0)?,
             Tensor::cat(&[(qb * scale)?, kb, vbias], 0)?,
             Activation::Identity,
-            packed,
+            packing,
         )?;
         let dense = |vb: VarBuilder, inputs: usize, outputs: usize, activation| {
             Dense::new(
                 vb.get((outputs, inputs), "weight")?,
                 vb.get(outputs, "bias")?,
                 activation,
-                packed,
+                packing,
             )
         };
-        let norm = |vb: VarBuilder| Norm::load(vb, hidden, config.layer_norm_eps, packed);
+        let norm =
+            |vb: VarBuilder| Norm::load(vb, hidden, config.layer_norm_eps, packing.is_some());
         Ok(Self {
             qkv,
             attention_out: dense(
@@ -423,16 +430,17 @@ impl Dense {
         weight: Tensor,
         bias: Tensor,
         activation: Activation,
-        packed: bool,
+        packing: Option<Precision>,
     ) -> candle_core::Result<Self> {
-        if packed {
+        if let Some(precision) = packing {
             let (outputs, inputs) = weight.dims2()?;
-            if let Some(layer) = PackedLinear::new(
+            if let Some(layer) = PackedLinear::with_precision(
                 &weight.flatten_all()?.to_vec1::<f32>()?,
                 &bias.to_vec1::<f32>()?,
                 outputs,
                 inputs,
                 activation,
+                precision,
             ) {
                 return Ok(Self::Packed(layer));
             }
@@ -524,8 +532,7 @@ mod tests {
     fn packed_kernels_and_candle_matmuls_give_the_same_embeddings() {
         let (config, tensors) = tiny_bert("bert.");
         let vb = || VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu);
-        let packed = BertBackend::from_weights(vb(), &config, &Device::Cpu, true).unwrap();
-        let plain = BertBackend::from_weights(vb(), &config, &Device::Cpu, false).unwrap();
+        let plain = BertBackend::from_weights(vb(), &config, &Device::Cpu, None).unwrap();
         // A padded batch (three lengths) and a batch of one.
         let texts = [
             text(&[1, 7, 9, 2]),
@@ -533,26 +540,35 @@ mod tests {
             text(&[1, 4, 5, 6, 8, 11, 49, 2]),
         ];
         let batch: Vec<&TokenizedText> = texts.iter().collect();
-        for batch in [&batch[..], &batch[2..]] {
-            let a = packed.embed(batch).unwrap();
-            let b = plain.embed(batch).unwrap();
-            for (a, b) in a.iter().zip(&b) {
-                let cosine: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-                assert!(cosine > 0.99999, "cosine {cosine}");
+        // Both precisions where the CPU runs them (AVX2-only CPUs run f16).
+        let precisions = [Precision::F16, Precision::Bf16]
+            .into_iter()
+            .filter(|p| *p == Precision::F16 || Precision::for_this_cpu() == Precision::Bf16);
+        for precision in precisions {
+            let packed =
+                BertBackend::from_weights(vb(), &config, &Device::Cpu, Some(precision)).unwrap();
+            for batch in [&batch[..], &batch[2..]] {
+                let a = packed.embed(batch).unwrap();
+                let b = plain.embed(batch).unwrap();
+                for (a, b) in a.iter().zip(&b) {
+                    let cosine: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+                    assert!(cosine > 0.99999, "{precision:?}: cosine {cosine}");
+                }
             }
+            // Padding does not change a text's embedding.
+            let alone = packed.embed(&[&texts[1]]).unwrap();
+            let in_batch = packed.embed(&batch).unwrap();
+            let cosine: f32 = alone[0].iter().zip(&in_batch[1]).map(|(x, y)| x * y).sum();
+            assert!(cosine > 0.99999, "{precision:?}: padded cosine {cosine}");
         }
-        // Padding does not change a text's embedding.
-        let alone = packed.embed(&[&texts[1]]).unwrap();
-        let in_batch = packed.embed(&batch).unwrap();
-        let cosine: f32 = alone[0].iter().zip(&in_batch[1]).map(|(x, y)| x * y).sum();
-        assert!(cosine > 0.99999, "padded cosine {cosine}");
     }
 
     #[test]
     fn inputs_longer_than_the_position_table_are_an_error() {
         let (config, tensors) = tiny_bert("");
         let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
-        let model = BertBackend::from_weights(vb, &config, &Device::Cpu, true).unwrap();
+        let model =
+            BertBackend::from_weights(vb, &config, &Device::Cpu, Some(Precision::F16)).unwrap();
         let long = text(&[3; 33]);
         assert!(matches!(
             model.embed(&[&long]),
