@@ -305,8 +305,8 @@ impl CacheService {
         // Entries no saved graph holds, by cache, as the scan made their slots.
         let mut unsaved: BTreeMap<String, Vec<Slot>> = BTreeMap::new();
         let (mut loaded, mut from_saved) = (0usize, 0usize);
-        for (cache_id, generation, ids, saved_count) in matched {
-            loaded += ids.len() + saved_count;
+        for (cache_id, generation, unsaved_slots, saved_count) in matched {
+            loaded += unsaved_slots.len() + saved_count;
             from_saved += saved_count;
             if let Some(generation) = generation {
                 if generation.read().live() == 0 {
@@ -323,8 +323,8 @@ impl CacheService {
                     state.replace(generation);
                 }
             }
-            if !ids.is_empty() {
-                unsaved.insert(cache_id, ids);
+            if !unsaved_slots.is_empty() {
+                unsaved.insert(cache_id, unsaved_slots);
             }
         }
         service.insert_unsaved(unsaved)?;

@@ -259,19 +259,32 @@ impl PackedLinear {
         }
         #[cfg(target_arch = "x86_64")]
         if available() {
-            let panels = self.out_features.div_ceil(PANEL);
-            let parts = parts_for(rows * self.in_features * self.out_features, panels);
-            let shared = SharedOut(out.as_mut_ptr());
-            let part = |i: usize| {
-                let range = panels * i / parts..panels * (i + 1) / parts;
+            self.split_panels(rows, PANEL, out, |range, out| {
                 // SAFETY: AVX2 and FMA are present (checked above); slice lengths were
                 // asserted, and each part writes only the columns of its own panels.
-                unsafe { avx2::matmul(self, x, rows, shared.get(), range) };
-            };
-            run_parts(parts, part);
+                unsafe { avx2::matmul(self, x, rows, out, range) };
+            });
             return;
         }
         self.forward_portable(x, rows, out);
+    }
+
+    /// Runs `matmul` on the layer's panels (of `width` columns), split into one range per
+    /// idle core; each call writes only its own panels' columns of `out`.
+    #[cfg(target_arch = "x86_64")]
+    fn split_panels(
+        &self,
+        rows: usize,
+        width: usize,
+        out: &mut [f32],
+        matmul: impl Fn(Range<usize>, *mut f32) + Sync,
+    ) {
+        let panels = self.out_features.div_ceil(width);
+        let parts = parts_for(rows * self.in_features * self.out_features, panels);
+        let shared = SharedOut(out.as_mut_ptr());
+        run_parts(parts, |i| {
+            matmul(panels * i / parts..panels * (i + 1) / parts, shared.get())
+        });
     }
 
     /// The bf16 path: inputs rounded to bf16 once (each row padded to whole pairs), then
@@ -286,15 +299,10 @@ impl PackedLinear {
             // `inputs` holds `rows` rows of `2·k2` values.
             unsafe { avx512::to_bf16_rows(x, rows, self.in_features, inputs) };
             let inputs: &[u16] = inputs;
-            let panels = self.out_features.div_ceil(BF16_PANEL);
-            let parts = parts_for(rows * self.in_features * self.out_features, panels);
-            let shared = SharedOut(out.as_mut_ptr());
-            let part = |i: usize| {
-                let range = panels * i / parts..panels * (i + 1) / parts;
+            self.split_panels(rows, BF16_PANEL, out, |range, out| {
                 // SAFETY: as above; each part writes only the columns of its own panels.
-                unsafe { avx512::matmul(self, inputs, rows, shared.get(), range) };
-            };
-            run_parts(parts, part);
+                unsafe { avx512::matmul(self, inputs, rows, out, range) };
+            });
         });
     }
 

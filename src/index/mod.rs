@@ -42,10 +42,12 @@ type Element = f16;
 
 /// The files [`VectorIndex::save`] writes into `dir`: hnsw_rs's graph, then its vectors.
 pub fn saved_files(dir: &Path) -> [std::path::PathBuf; 2] {
-    [
-        dir.join(format!("{SAVED_BASENAME}.hnsw.graph")),
-        dir.join(format!("{SAVED_BASENAME}.hnsw.data")),
-    ]
+    hnsw_files(dir, SAVED_BASENAME)
+}
+
+/// hnsw_rs's two files for the stem `basename` in `dir`: graph, then vectors.
+fn hnsw_files(dir: &Path, basename: &str) -> [std::path::PathBuf; 2] {
+    ["graph", "data"].map(|ext| dir.join(format!("{basename}.hnsw.{ext}")))
 }
 
 /// Cosine distance for L2-normalised vectors, `1 - dot`, clamped at 0.
@@ -490,15 +492,13 @@ const DATA_RECORD_HEAD: usize = size_of::<u32>() + 2 * size_of::<u64>();
 /// Writes an f16 copy of a graph saved with f32 vectors, as `upgrade.hnsw.*` in `dir`:
 /// the same graph file with the element type renamed in its header, and every vector
 /// record narrowed. `header` comes from [`check_data_file`], so the data file's size
-/// is already known to match.
+/// is already known to match. The copy is read once and removed (a crash leaves the f32
+/// save, converted again next start), so it is not synced to disk.
 fn upgrade_f32_save(dir: &Path, header: &Description) -> std::io::Result<()> {
     let invalid =
         |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
     let [graph, data] = saved_files(dir);
-    let [new_graph, new_data] = [
-        dir.join(format!("{UPGRADE_BASENAME}.hnsw.graph")),
-        dir.join(format!("{UPGRADE_BASENAME}.hnsw.data")),
-    ];
+    let [new_graph, new_data] = hnsw_files(dir, UPGRADE_BASENAME);
 
     // The graph header ends with the element type's name, length first (usize).
     let old_name = header.t_name.as_bytes();
@@ -525,10 +525,7 @@ fn upgrade_f32_save(dir: &Path, header: &Description) -> std::io::Result<()> {
     output.write_all(&new_name.len().to_ne_bytes())?;
     output.write_all(new_name)?;
     std::io::copy(&mut input, &mut output)?;
-    output
-        .into_inner()
-        .map_err(|e| e.into_error())?
-        .sync_all()?;
+    output.flush()?;
 
     let mut input = BufReader::new(File::open(&data)?);
     let mut output = BufWriter::new(File::create(&new_data)?);
@@ -551,12 +548,12 @@ fn upgrade_f32_save(dir: &Path, header: &Description) -> std::io::Result<()> {
             output.write_all(&f16::from_f32(value).to_bits().to_ne_bytes())?;
         }
     }
-    output.into_inner().map_err(|e| e.into_error())?.sync_all()
+    output.flush()
 }
 
 fn remove_upgrade(dir: &Path) {
-    for ext in ["graph", "data"] {
-        let _ = std::fs::remove_file(dir.join(format!("{UPGRADE_BASENAME}.hnsw.{ext}")));
+    for file in hnsw_files(dir, UPGRADE_BASENAME) {
+        let _ = std::fs::remove_file(file);
     }
 }
 
