@@ -29,7 +29,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the HTTP service (the default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Measure hit quality on a labelled pairs file (precision/recall per threshold).
     Eval(crate::eval::EvalArgs),
     /// Manage the embedding model.
@@ -163,6 +163,39 @@ pub struct ServeArgs {
     /// HNSW ef at search time (higher: better recall, slower).
     #[arg(long, env = "SEMCACHE_HNSW_EF_SEARCH", default_value_t = 64)]
     pub hnsw_ef_search: usize,
+    /// Serve Envoy's External Processing API (gRPC) on this address; off when unset.
+    #[arg(long, env = "SEMCACHE_EXT_PROC_ADDR", value_name = "ADDR")]
+    pub ext_proc_addr: Option<SocketAddr>,
+    /// Request header naming the cache on the gateway path (the stream's
+    /// `x-semcache-cache-id` gRPC metadata, set per route, wins over it).
+    #[arg(
+        long,
+        env = "SEMCACHE_EXT_PROC_CACHE_HEADER",
+        default_value = "x-semcache-cache-id"
+    )]
+    pub ext_proc_cache_header: String,
+    /// Cache used on the gateway path when neither metadata nor header names one.
+    #[arg(
+        long,
+        env = "SEMCACHE_EXT_PROC_DEFAULT_CACHE",
+        default_value = "default"
+    )]
+    pub ext_proc_default_cache: String,
+    /// Request headers whose values scope gateway answers (e.g. x-tenant-id), comma-separated.
+    #[arg(
+        long,
+        env = "SEMCACHE_EXT_PROC_SCOPE_HEADERS",
+        value_delimiter = ',',
+        value_name = "NAME,..."
+    )]
+    pub ext_proc_scope_headers: Vec<String>,
+    /// A gateway lookup slower than this lets the request go on to the model.
+    #[arg(
+        long,
+        env = "SEMCACHE_EXT_PROC_LOOKUP_TIMEOUT_MILLIS",
+        default_value_t = 200
+    )]
+    pub ext_proc_lookup_timeout_millis: u64,
 }
 
 impl ServeArgs {
@@ -173,6 +206,23 @@ impl ServeArgs {
             max_response_bytes: self.max_response_bytes,
             request_timeout: std::time::Duration::from_millis(self.request_timeout_millis.max(1)),
             ..Limits::default()
+        }
+    }
+
+    pub fn gateway_options(&self) -> crate::gateway::GatewayOptions {
+        crate::gateway::GatewayOptions {
+            cache_header: self.ext_proc_cache_header.trim().to_ascii_lowercase(),
+            default_cache: self.ext_proc_default_cache.clone(),
+            scope_headers: self
+                .ext_proc_scope_headers
+                .iter()
+                .map(|h| h.trim().to_ascii_lowercase())
+                .filter(|h| !h.is_empty())
+                .collect(),
+            lookup_timeout: std::time::Duration::from_millis(
+                self.ext_proc_lookup_timeout_millis.max(1),
+            ),
+            limits: self.limits(),
         }
     }
 

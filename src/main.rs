@@ -27,7 +27,7 @@ fn main() -> ExitCode {
             init_logging(LogFormat::Text);
             model_command(command)
         }
-        Some(Command::Serve(args)) => run_server(args),
+        Some(Command::Serve(args)) => run_server(*args),
         Some(Command::Eval(args)) => {
             init_logging(LogFormat::Text);
             semcache::embed::one_kernel_thread_per_worker(

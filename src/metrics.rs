@@ -31,6 +31,11 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     pub startup_entries: IntGaugeVec,
     pub index_saves: IntCounterVec,
+    pub ext_proc_streams: IntCounterVec,
+    pub ext_proc_active: IntGauge,
+    pub ext_proc_requests: IntCounterVec,
+    pub ext_proc_stores: IntCounterVec,
+    pub ext_proc_lookup_duration: Histogram,
     labels: Mutex<HashSet<String>>,
 }
 
@@ -122,6 +127,45 @@ fn build() -> Result<Metrics, prometheus::Error> {
         ),
         &["result"],
     )?;
+    let ext_proc_streams = IntCounterVec::new(
+        Opts::new(
+            "semcache_ext_proc_streams_total",
+            "Envoy ext_proc streams opened, by result (ok, or rejected: unauthenticated)",
+        ),
+        &["result"],
+    )?;
+    let ext_proc_active = IntGauge::new(
+        "semcache_ext_proc_active_streams",
+        "Envoy ext_proc streams open now",
+    )?;
+    let ext_proc_requests = IntCounterVec::new(
+        Opts::new(
+            "semcache_ext_proc_requests_total",
+            "Chat requests seen on the gateway path, by outcome (hit, miss, bypass, error, passthrough) and reason",
+        ),
+        &["outcome", "reason"],
+    )?;
+    let ext_proc_stores = IntCounterVec::new(
+        Opts::new(
+            "semcache_ext_proc_stores_total",
+            "Answers after a gateway miss, by result (stored, or why not)",
+        ),
+        &["result"],
+    )?;
+    let ext_proc_lookup_duration = Histogram::with_opts(
+        HistogramOpts::new(
+            "semcache_ext_proc_lookup_duration_seconds",
+            "Time from a chat request's body reaching semcache to its answer (hit or continue)",
+        )
+        .buckets(vec![
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+        ]),
+    )?;
+    registry.register(Box::new(ext_proc_streams.clone()))?;
+    registry.register(Box::new(ext_proc_active.clone()))?;
+    registry.register(Box::new(ext_proc_requests.clone()))?;
+    registry.register(Box::new(ext_proc_stores.clone()))?;
+    registry.register(Box::new(ext_proc_lookup_duration.clone()))?;
     registry.register(Box::new(startup_entries.clone()))?;
     registry.register(Box::new(index_saves.clone()))?;
     registry.register(Box::new(lookups.clone()))?;
@@ -156,6 +200,11 @@ fn build() -> Result<Metrics, prometheus::Error> {
         http_requests,
         startup_entries,
         index_saves,
+        ext_proc_streams,
+        ext_proc_active,
+        ext_proc_requests,
+        ext_proc_stores,
+        ext_proc_lookup_duration,
         labels: Mutex::new(HashSet::new()),
     })
 }

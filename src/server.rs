@@ -6,11 +6,12 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 
-use crate::api::auth::KeyRing;
 use crate::api::{self, AppState};
+use crate::auth::KeyRing;
 use crate::cache::{CacheService, SaveWhen};
 use crate::config::ServeArgs;
 use crate::embed::{self, manifest::ModelManifest, provision, Embedder};
+use crate::gateway;
 use crate::store::{Store, StoreOptions};
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -19,11 +20,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create data dir {}", args.data_dir.display()))?;
     let keys = KeyRing::load(args.api_keys.as_deref())?;
     if !keys.enabled() {
-        if !args.addr.ip().is_loopback() && !args.insecure_no_auth {
-            anyhow::bail!(
-                "refusing to listen on {} without API keys: give --api-keys PATH, or --insecure-no-auth if something else guards this port",
-                args.addr
-            );
+        for addr in std::iter::once(args.addr).chain(args.ext_proc_addr) {
+            if !addr.ip().is_loopback() && !args.insecure_no_auth {
+                anyhow::bail!(
+                    "refusing to listen on {addr} without API keys: give --api-keys PATH, or --insecure-no-auth if something else guards this port"
+                );
+            }
         }
         tracing::warn!("no API keys configured: every client may read and write every cache");
     }
@@ -35,6 +37,20 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
     )?;
     let state = AppState::new(args.limits());
+    // The gateway edge sees the core through its own cell, set with the HTTP edge's.
+    let gateway_core = Arc::new(std::sync::OnceLock::new());
+    let ext_proc = match args.ext_proc_addr {
+        Some(addr) => {
+            let listener = gateway::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for ext_proc on {addr}"))?;
+            let local = listener.local_addr()?;
+            tracing::info!(addr = %local, "Envoy ext_proc (gRPC) listening");
+            println!("semcache ext_proc listening on {local}");
+            Some(listener)
+        }
+        None => None,
+    };
     let listener = TcpListener::bind(args.addr)
         .await
         .with_context(|| format!("cannot listen on {}", args.addr))?;
@@ -48,16 +64,19 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
     {
         let (args, store, state) = (args.clone(), store.clone(), state.clone());
+        let gateway_core = gateway_core.clone();
         tokio::spawn(async move {
-            if let Err(e) = load(args, store, state).await {
+            if let Err(e) = load(args, store, state, gateway_core).await {
                 let _ = failed_tx.send(e);
             }
         });
     }
     let failure = Arc::new(std::sync::Mutex::new(None));
-    let stop = {
+    // One stop for both edges.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    {
         let failure = failure.clone();
-        async move {
+        tokio::spawn(async move {
             tokio::select! {
                 _ = shutdown_signal() => {}
                 Ok(e) = failed_rx => {
@@ -65,8 +84,19 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
                 }
             }
+            let _ = stop_tx.send(true);
+        });
+    }
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
         }
     };
+    let ext_proc = ext_proc.map(|listener| {
+        let processor = gateway::Processor::new(gateway_core, args.gateway_options(), keys.clone());
+        tokio::spawn(gateway::serve(listener, processor, stopped()))
+    });
 
     let sweeper = {
         let state = state.clone();
@@ -105,9 +135,16 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
 
     axum::serve(listener, api::router(state.clone(), keys))
-        .with_graceful_shutdown(stop)
+        .with_graceful_shutdown(stopped())
         .await
         .context("server failed")?;
+    if let Some(ext_proc) = ext_proc {
+        match ext_proc.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "ext_proc server failed"),
+            Err(e) => tracing::warn!(error = %e, "ext_proc server task failed"),
+        }
+    }
     sweeper.abort();
     if let Ok(core) = state.core() {
         // The next start loads these graphs instead of re-inserting every vector.
@@ -125,7 +162,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn load(args: ServeArgs, store: Store, state: AppState) -> anyhow::Result<()> {
+async fn load(
+    args: ServeArgs,
+    store: Store,
+    state: AppState,
+    gateway_core: Arc<std::sync::OnceLock<Arc<CacheService>>>,
+) -> anyhow::Result<()> {
     let manifest = ModelManifest::default_model();
     let model_dir = args.model.dir();
     state.set_phase("fetching model");
@@ -143,7 +185,9 @@ async fn load(args: ServeArgs, store: Store, state: AppState) -> anyhow::Result<
         Ok(CacheService::open(store, embedder, config)?)
     })
     .await??;
-    state.set_core(Arc::new(core));
+    let core = Arc::new(core);
+    let _ = gateway_core.set(core.clone());
+    state.set_core(core);
     tracing::info!("ready");
     Ok(())
 }

@@ -90,13 +90,7 @@ fn strip_position(message: &str) -> String {
 /// `{cacheId}` from the path, checked against `[A-Za-z0-9._-]{1,128}`.
 pub struct CacheId(pub String);
 
-pub fn valid_cache_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
+pub use crate::cache::valid_cache_id;
 
 impl<S: Send + Sync> FromRequestParts<S> for CacheId {
     type Rejection = ApiError;

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use crate::embed::{EmbedError, Embedder};
+use crate::embed::{EmbedError, Embedded, Embedder};
 use crate::index::{dot, IndexError, IndexParams, VectorIndex};
 use crate::metrics::metrics;
 use crate::store::{CacheSettings, EntryId, EntryRecord, FeedbackRecord, Store, StoreError};
@@ -158,6 +158,18 @@ pub struct SearchOutcome {
     pub hits: Vec<Hit>,
     /// Filled only when the query asked to explain.
     pub considered: Vec<Considered>,
+    /// The prompt's embedding, when the lookup ran the model: a caller that stores the
+    /// answer after a miss passes it back to [`CacheService::insert_embedded`].
+    pub embedded: Option<Embedded>,
+}
+
+/// Cache ids: `[A-Za-z0-9._-]{1,128}`, whichever edge names them.
+pub fn valid_cache_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 pub fn now_ms() -> u64 {
@@ -594,6 +606,17 @@ impl CacheService {
     /// Stores an entry; when this returns it is durable (fsynced).
     pub async fn insert(&self, cache_id: &str, new: NewEntry) -> Result<EntryId, CacheError> {
         let embedded = self.embedder.embed(new.prompt.clone()).await?;
+        self.insert_embedded(cache_id, new, embedded).await
+    }
+
+    /// As [`insert`](Self::insert), with the prompt's embedding already computed (by the
+    /// lookup that missed), so the model runs once per request.
+    pub async fn insert_embedded(
+        &self,
+        cache_id: &str,
+        new: NewEntry,
+        embedded: Embedded,
+    ) -> Result<EntryId, CacheError> {
         let state = self.state_or_create(cache_id);
         let now = now_ms();
         let ttl = new
@@ -898,8 +921,9 @@ impl CacheService {
         outcome: &mut SearchOutcome,
     ) -> Result<(), CacheError> {
         let embedded = self.embedder.embed(query.prompt.clone()).await?;
-        let vector = embedded.vector;
+        let vector = embedded.vector.clone();
         let query_end = embedded.truncated_at;
+        outcome.embedded = Some(embedded);
         let query_sig = verify::Signature::of(&query.prompt);
         // A few more than asked: some may be confirmed by feedback below the threshold.
         let k = (query.max_results * 2).max(4);

@@ -26,6 +26,8 @@ pub fn ensure_model() {
 pub struct Server {
     pub child: Child,
     pub url: String,
+    /// The ext_proc (gRPC) address, when started with `--ext-proc-addr`.
+    pub ext_proc: Option<String>,
     pub data_dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -54,11 +56,15 @@ impl Server {
             .expect("spawn semcache");
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
+        let mut ext_proc = None;
         let addr = loop {
             let line = lines
                 .next()
                 .expect("semcache exited before listening")
                 .unwrap();
+            if let Some(addr) = line.strip_prefix("semcache ext_proc listening on ") {
+                ext_proc = Some(addr.trim().to_string());
+            }
             if let Some(addr) = line.strip_prefix("semcache listening on ") {
                 break addr.trim().to_string();
             }
@@ -68,6 +74,7 @@ impl Server {
         let server = Server {
             child,
             url: format!("http://{addr}"),
+            ext_proc,
             data_dir: data_dir.to_path_buf(),
             _tmp: None,
         };

@@ -10,6 +10,8 @@
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+pub mod sse;
+
 /// Attribute under which chat entries carry their scope fingerprint.
 pub const SCOPE_ATTRIBUTE: &str = "semcache.chat";
 

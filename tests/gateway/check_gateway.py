@@ -1,0 +1,304 @@
+"""The official `openai` SDK, unchanged, through a real Envoy whose ext_proc filter calls
+semcache, in front of the stand-in model server (harness.py).
+
+usage: check_gateway.py SCENARIO JSON-ARGS    (scenarios at the bottom)
+Prints "all checks passed" when every check held.
+"""
+
+import json
+import os
+import signal
+import sys
+import time
+
+import openai
+from openai import OpenAI
+
+import harness
+from harness import Envoy, StandIn, http, wait_entries, entries
+
+TENANT = "x-tenant-id"
+
+
+def sdk(envoy, prefix="", headers=None, key="sk-test"):
+    return OpenAI(base_url=f"{envoy.url}{prefix}/v1", api_key=key, max_retries=0,
+                  default_headers=headers or {}, timeout=30)
+
+
+def chat(client, prompt, stream=False, **kw):
+    """Returns (x-semcache header, headers, content) through the SDK."""
+    kw.setdefault("temperature", 0)
+    raw = client.chat.completions.with_raw_response.create(
+        model=kw.pop("model", "stand-in"), messages=[{"role": "user", "content": prompt}],
+        stream=stream, **kw)
+    headers = raw.headers
+    parsed = raw.parse()
+    if stream:
+        parts, usage = [], None
+        for chunk in parsed:
+            if chunk.usage is not None:
+                usage = chunk.usage
+            for c in chunk.choices:
+                if c.delta.content:
+                    parts.append(c.delta.content)
+        return headers.get("x-semcache"), headers, "".join(parts), usage
+    return headers.get("x-semcache"), headers, parsed.choices[0].message.content, parsed.usage
+
+
+def check(cond, what):
+    if not cond:
+        raise AssertionError(what)
+    print("ok:", what)
+
+
+def single(args):
+    """Everything one semcache behind one Envoy must do."""
+    model = StandIn()
+    semcache = args["http"]
+    host, port = args["ext_proc"].rsplit(":", 1)
+    routes = [
+        harness.route("/buffered/", "/", harness.per_route(response_body_mode="BUFFERED")),
+        harness.route("/"),
+    ]
+    envoy = Envoy(harness.bootstrap(harness.free_port(), model.port, {"semcache": (host, int(port))},
+                                    routes, harness.ext_proc_filter("semcache")))
+    try:
+        client = sdk(envoy)
+        n = lambda: model.chat_calls()
+        stored = lambda: entries(semcache, "default")
+
+        # Miss, then an exact hit with no model call.
+        q = "What is the capital of France?"
+        state, h, first, _ = chat(client, q)
+        check(state == "miss" and n() == 1, "first request misses and reaches the model")
+        wait_entries(semcache, "default", 1)
+        state, h, again, _ = chat(client, q)
+        check(state == "hit" and again == first and n() == 1, "the same request is a hit, no model call")
+        check(h.get("x-semcache-similarity") == "1.0000" and h.get("x-semcache-entry-id"),
+              "a hit carries its similarity and entry id")
+
+        # A paraphrase is a semantic hit.
+        state, h, para, _ = chat(client, "What's the capital city of France?")
+        check(state == "hit" and para == first and n() == 1,
+              f"a paraphrase is a hit ({h.get('x-semcache-similarity')}), no model call")
+        check(h.get("x-semcache-strategy") == "semantic", "the paraphrase hit is semantic")
+
+        # Streaming: miss, then a hit streamed with identical content and usage.
+        s = "Explain photosynthesis in one sentence."
+        state, _, streamed, usage = chat(client, s, stream=True, stream_options={"include_usage": True})
+        check(state == "miss" and n() == 2 and streamed.startswith("Answer #2"), "a streamed request misses")
+        check(usage is not None and usage.total_tokens == 16, "the streamed miss carries usage")
+        wait_entries(semcache, "default", 2)
+        state, h, streamed_hit, usage = chat(client, s, stream=True, stream_options={"include_usage": True})
+        check(state == "hit" and streamed_hit == streamed and n() == 2,
+              "the streamed request is served from the cache as a stream, content identical")
+        check(h.get("content-type", "").startswith("text/event-stream"), "a streamed hit is text/event-stream")
+        check(usage is not None and usage.total_tokens == 16, "a streamed hit honours include_usage")
+        state, _, _, usage = chat(client, s, stream=True)
+        check(state == "hit" and usage is None, "without include_usage a streamed hit has no usage chunk")
+
+        # Either kind of answer serves either kind of request.
+        state, _, plain, _ = chat(client, s)
+        check(state == "hit" and plain == streamed and n() == 2, "a streamed answer serves a non-streamed request")
+        state, _, as_stream, _ = chat(client, q, stream=True)
+        check(state == "hit" and as_stream == first and n() == 2, "a JSON answer serves a streamed request")
+
+        # Tenants set by scope header never share.
+        t = "What is the boiling point of water at sea level?"
+        a, b = sdk(envoy, headers={TENANT: "acme"}), sdk(envoy, headers={TENANT: "globex"})
+        state, _, ans_a, _ = chat(a, t)
+        check(state == "miss" and n() == 3, "tenant acme misses")
+        wait_entries(semcache, "default", 3)
+        state, _, ans_b, _ = chat(b, t)
+        check(state == "miss" and n() == 4 and ans_b != ans_a, "tenant globex does not get acme's answer")
+        check(chat(a, t)[0] == "hit", "tenant acme hits its own answer")
+        wait_entries(semcache, "default", 4)
+        check(chat(client, t)[0] == "miss" and n() == 5, "no tenant header is a scope of its own")
+        wait_entries(semcache, "default", 5)
+
+        # Never stored: sampled, truncated, refused, failed, cut-off answers.
+        before = stored()
+        for _ in range(2):
+            state, h, _, _ = chat(client, "Write a haiku about autumn.", temperature=0.7)
+            check(state == "bypass" and h.get("x-semcache-bypass") == "sampled", "a sampled request bypasses")
+        for prompt in ["Summarise the news [length]", "Tell me a secret [refuse]"]:
+            check(chat(client, prompt)[0] == "miss", f"{prompt!r} misses")
+        for _ in range(2):
+            try:
+                chat(client, "This fails [error]")
+                raise AssertionError("the model's 500 must reach the client")
+            except openai.InternalServerError:
+                pass
+        print("ok: the model's 500 reaches the client")
+        try:
+            chat(client, "Count to ten slowly [cut]", stream=True)
+        except Exception:
+            pass
+        time.sleep(0.5)
+        check(stored() == before, "sampled, truncated, refused, failed and cut-off answers are not stored")
+        calls = n()
+        for prompt in ["Summarise the news [length]", "Tell me a secret [refuse]"]:
+            check(chat(client, prompt)[0] == "miss", f"{prompt!r} misses again")
+        check(n() == calls + 2, "and reaches the model again")
+
+        # cache-control both ways.
+        cc = "How many legs does a spider have?"
+        state, _, _, _ = chat(client, cc, extra_headers={"cache-control": "no-store"})
+        check(state == "miss", "no-store misses")
+        time.sleep(0.5)
+        check(stored() == before, "no-store stores nothing")
+        check(chat(client, cc)[0] == "miss", "after no-store the prompt still misses")
+        wait_entries(semcache, "default", before + 1)
+        calls = n()
+        state, _, _, _ = chat(client, cc, extra_headers={"cache-control": "no-cache"})
+        check(state == "miss" and n() == calls + 1, "no-cache goes to the model although cached")
+        state, h, _, _ = chat(client, cc, extra_headers={"cache-control": "no-cache, no-store"})
+        check(state == "bypass" and h.get("x-semcache-bypass") == "cache-control", "no-cache, no-store bypasses")
+        check(chat(client, cc)[0] == "hit", "without cache-control it is a hit")
+
+        # Other routes are untouched.
+        total = model.total()
+        models = client.models.with_raw_response.list()
+        check(models.headers.get("x-semcache") is None and model.total() == total + 1,
+              "GET /v1/models passes through untouched")
+        status, h, _ = http("POST", f"{envoy.url}/v1/embeddings", {"input": "hi", "model": "m"})
+        check(status == 200 and "x-semcache" not in {k.lower() for k in h}, "POST /v1/embeddings passes through")
+
+        # Bad bodies: the request goes on, semcache stays up.
+        for name, body in [("invalid JSON", b"{not json"), ("non-UTF-8", b"\xff\xfe{\"messages\": 1}"),
+                           ("a JSON array", b"[1, 2]"),
+                           ("huge", json.dumps({"model": "m", "temperature": 0, "messages": [
+                               {"role": "user", "content": "x" * (1536 * 1024)}]}).encode())]:
+            status, h, _ = http("POST", f"{envoy.url}/v1/chat/completions", body)
+            lower = {k.lower(): v for k, v in h.items()}
+            check(lower.get("x-semcache") == "bypass" and status in (200, 400),
+                  f"{name} body continues to the model ({status}, {lower.get('x-semcache-bypass')})")
+        status, _, _ = http("GET", f"{semcache}/healthz")
+        check(status == 200, "semcache is healthy after bad bodies")
+
+        # response_body_mode BUFFERED works too.
+        buffered = sdk(envoy, prefix="/buffered")
+        bq = "Which planet is known as the red planet?"
+        check(chat(buffered, bq)[0] == "miss", "buffered response mode: miss")
+        wait_entries(semcache, "default", before + 2)
+        state, _, _, _ = chat(buffered, bq, stream=True)
+        check(state == "hit", "buffered response mode: hit")
+        bs = "Name three primary colours."
+        check(chat(buffered, bs, stream=True)[0] == "miss", "buffered response mode: streamed miss")
+        wait_entries(semcache, "default", before + 3)
+        check(chat(buffered, bs)[0] == "hit", "buffered response mode: a buffered stream is stored")
+
+        status, _, body = http("GET", f"{semcache}/metrics")
+        text = body.decode()
+        check('semcache_ext_proc_requests_total{outcome="hit",reason="exact"}' in text
+              and "semcache_ext_proc_lookup_duration_seconds_count" in text
+              and 'semcache_ext_proc_stores_total{result="stored"}' in text,
+              "the gateway path is in /metrics")
+    finally:
+        envoy.stop()
+
+
+def auth(args):
+    """With --api-keys, the key in the stream's gRPC metadata decides."""
+    model = StandIn()
+    semcache, admin = args["http"], {"authorization": f"Bearer {args['admin']}"}
+    host, port = args["ext_proc"].rsplit(":", 1)
+    as_key = lambda key, cache: harness.per_route("semcache", [("authorization", f"Bearer {key}"),
+                                                               ("x-semcache-cache-id", cache)])
+    routes = [
+        harness.route("/writer/", "/", as_key(args["writer"], "gw-a")),
+        harness.route("/reader/", "/", as_key(args["reader"], "gw-a")),
+        harness.route("/wrong/", "/", as_key("not-a-key-0123456789", "gw-a")),
+        harness.route("/other/", "/", as_key(args["writer"], "gw-b")),
+        harness.route("/"),
+    ]
+    envoy = Envoy(harness.bootstrap(harness.free_port(), model.port, {"semcache": (host, int(port))},
+                                    routes, harness.ext_proc_filter("semcache")))
+    try:
+        n = model.chat_calls
+        writer, reader = sdk(envoy, "/writer"), sdk(envoy, "/reader")
+        q = "What is the tallest mountain on Earth?"
+        check(chat(writer, q)[0] == "miss" and n() == 1, "writer key: miss")
+        wait_entries(semcache, "gw-a", 1, headers=admin)
+        check(chat(writer, q)[0] == "hit" and n() == 1, "writer key: hit")
+        check(chat(reader, q)[0] == "hit" and n() == 1, "reader key: looks up")
+        r = "What is the deepest lake in the world?"
+        check(chat(reader, r)[0] == "miss", "reader key: miss")
+        time.sleep(0.5)
+        check(entries(semcache, "gw-a", admin) == 1, "reader key: stores nothing")
+        check(chat(reader, r)[0] == "miss", "reader key: still a miss")
+        for prefix, what in [("/wrong", "a wrong key"), ("/other", "a key outside its caches"), ("", "no key")]:
+            calls = n()
+            state, _, content, _ = chat(sdk(envoy, prefix), q)
+            check(state is None and n() == calls + 1 and content,
+                  f"{what}: the stream is refused, the request still answered by the model")
+        status, _, body = http("GET", f"{semcache}/metrics")
+        check('semcache_ext_proc_streams_total{result="unauthenticated"}' in body.decode(),
+              "refused streams are counted")
+    finally:
+        envoy.stop()
+
+
+def fail_open(args):
+    """semcache killed: Envoy's failure_mode_allow lets every request through."""
+    model = StandIn()
+    host, port = args["ext_proc"].rsplit(":", 1)
+    envoy = Envoy(harness.bootstrap(harness.free_port(), model.port, {"semcache": (host, int(port))},
+                                    [harness.route("/")], harness.ext_proc_filter("semcache")))
+    try:
+        client = sdk(envoy)
+        q = "Who wrote Pride and Prejudice?"
+        check(chat(client, q)[0] == "miss", "semcache up: miss")
+        wait_entries(args["http"], "default", 1)
+        check(chat(client, q)[0] == "hit", "semcache up: hit")
+        os.kill(args["pid"], signal.SIGKILL)
+        time.sleep(0.3)
+        calls = model.chat_calls()
+        for stream in (False, True, False):
+            state, _, content, _ = chat(client, q, stream=stream)
+            check(state is None and content.startswith("Answer #"), f"semcache down: answered by the model (stream={stream})")
+        check(model.chat_calls() == calls + 3, "every request reached the model")
+    finally:
+        envoy.stop()
+
+
+def replicas(args):
+    """Three instances; each route names its cache and its replica (ExtProcPerRoute)."""
+    model = StandIn()
+    instances = args["instances"]  # [{"http": url, "ext_proc": "host:port"}, ...]
+    ext_procs = {}
+    routes = []
+    for i, inst in enumerate(instances):
+        host, port = inst["ext_proc"].rsplit(":", 1)
+        ext_procs[f"semcache-{i}"] = (host, int(port))
+        routes.append(harness.route(f"/team-{i}/", "/", harness.per_route(
+            f"semcache-{i}", [("x-semcache-cache-id", f"team-{i}")])))
+    routes.append(harness.route("/"))
+    envoy = Envoy(harness.bootstrap(harness.free_port(), model.port, ext_procs, routes,
+                                    harness.ext_proc_filter("semcache-0")))
+    try:
+        prompts = ["What is the speed of light?", "How do vaccines work?", "What causes the seasons?"]
+        for i in range(len(instances)):
+            client = sdk(envoy, f"/team-{i}")
+            for p in prompts:
+                check(chat(client, f"{p} (team {i})")[0] == "miss", f"team-{i}: miss")
+        for i, inst in enumerate(instances):
+            wait_entries(inst["http"], f"team-{i}", len(prompts))
+        calls = model.chat_calls()
+        for i in range(len(instances)):
+            client = sdk(envoy, f"/team-{i}")
+            for p in prompts:
+                check(chat(client, f"{p} (team {i})")[0] == "hit", f"team-{i}: hit on its replica")
+        check(model.chat_calls() == calls, "no model call for a repeated prompt on any route")
+        for i, inst in enumerate(instances):
+            status, _, body = http("GET", f"{inst['http']}/admin/caches")
+            caches = {c["cacheId"]: c["stats"]["entries"] for c in json.loads(body)["caches"]}
+            check(caches == {f"team-{i}": len(prompts)}, f"instance {i} holds only team-{i} ({caches})")
+    finally:
+        envoy.stop()
+
+
+if __name__ == "__main__":
+    scenario, params = sys.argv[1], json.loads(sys.argv[2])
+    {"single": single, "auth": auth, "fail-open": fail_open, "replicas": replicas}[scenario](params)
+    print("all checks passed")
