@@ -33,7 +33,8 @@ ENV SEMCACHE_ADDR=0.0.0.0:8080 \
     SEMCACHE_DATA_DIR=/data \
     SEMCACHE_MODEL_DIR=/models \
     SEMCACHE_LOG_FORMAT=json
-EXPOSE 8080
+# 9090: Envoy ext_proc (gRPC) when SEMCACHE_EXT_PROC_ADDR is set (the Kubernetes ConfigMap does).
+EXPOSE 8080 9090
 VOLUME ["/data"]
 # Exec form: semcache is PID 1 and receives SIGTERM directly (drain, flush, exit 0).
 ENTRYPOINT ["/usr/local/bin/semcache"]

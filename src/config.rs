@@ -196,6 +196,11 @@ pub struct ServeArgs {
         default_value_t = 200
     )]
     pub ext_proc_lookup_timeout_millis: u64,
+    /// With --api-keys, accept ext_proc streams that present no key, as a writer on
+    /// every cache (for gateways that cannot set gRPC metadata: Envoy Gateway, kgateway);
+    /// guard the port with a NetworkPolicy. A stream presenting a wrong key is still refused.
+    #[arg(long, env = "SEMCACHE_EXT_PROC_ALLOW_ANONYMOUS")]
+    pub ext_proc_allow_anonymous: bool,
 }
 
 impl ServeArgs {
@@ -222,6 +227,7 @@ impl ServeArgs {
             lookup_timeout: std::time::Duration::from_millis(
                 self.ext_proc_lookup_timeout_millis.max(1),
             ),
+            allow_anonymous: self.ext_proc_allow_anonymous,
             limits: self.limits(),
         }
     }

@@ -1,6 +1,7 @@
-//! The deployment artefacts check out offline: both Kubernetes overlays render and pass
-//! strict validation against the 1.33 schemas, and hadolint finds nothing in either
-//! Dockerfile (deploy/check.sh; its tools come from PyPI).
+//! The deployment artefacts check out offline (deploy/check.sh; its tools come from PyPI):
+//! both Kubernetes overlays render with real kustomize and pass strict validation against
+//! the 1.33 schemas, a real Envoy loads every Envoy config, the gateway examples match
+//! their projects' CRDs, and hadolint finds nothing in either Dockerfile.
 
 use std::process::Command;
 
@@ -19,5 +20,20 @@ fn manifests_validate_and_dockerfiles_lint_clean() {
     );
     assert!(stdout.contains("rendered and validated: cpu"));
     assert!(stdout.contains("rendered and validated: gpu"));
+    assert!(stdout.contains("envoy --mode validate: deploy/envoy/ext-proc.yaml OK"));
+    assert!(stdout.contains("envoy --mode validate: deploy/envoy/envoy.yaml OK"));
+    assert!(stdout.contains("deploy/gateways/istio.yaml's ext_proc filter OK"));
+    for kind in [
+        "EnvoyExtensionPolicy",
+        "AIGatewayRoute",
+        "GatewayExtension",
+        "TrafficPolicy",
+        "EnvoyFilter",
+    ] {
+        assert!(
+            stdout.contains(&format!("valid: {kind} ")),
+            "{kind} not validated"
+        );
+    }
     assert!(stdout.contains("hadolint: Dockerfile Dockerfile.cuda clean"));
 }

@@ -47,8 +47,7 @@ fn hits_misses_streams_scopes_and_what_is_never_stored() {
     server.assert_healthy();
 }
 
-#[test]
-fn keys_in_the_stream_metadata_decide() {
+fn auth_scenario(extra: &[&str], anonymous: bool) {
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys.json");
     std::fs::write(
@@ -61,14 +60,26 @@ fn keys_in_the_stream_metadata_decide() {
         .to_string(),
     )
     .unwrap();
-    let server = gateway(&["--api-keys", keys.to_str().unwrap()]);
+    let mut args = vec!["--api-keys", keys.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let server = gateway(&args);
     run_scenario(
         "auth",
         json!({"http": server.url, "ext_proc": server.ext_proc,
                "admin": "admin-key-0123456789", "writer": "writer-key-0123456789",
-               "reader": "reader-key-0123456789"}),
+               "reader": "reader-key-0123456789", "anonymous": anonymous}),
     );
     server.assert_healthy();
+}
+
+#[test]
+fn keys_in_the_stream_metadata_decide() {
+    auth_scenario(&[], false);
+}
+
+#[test]
+fn anonymous_streams_when_the_operator_allows_them() {
+    auth_scenario(&["--ext-proc-allow-anonymous"], true);
 }
 
 #[test]

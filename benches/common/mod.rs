@@ -26,11 +26,18 @@ pub fn load_prompts<T: serde::de::DeserializeOwned>() -> Option<T> {
 /// names another build's binary to run instead (for A/B runs between builds).
 #[allow(dead_code)] // not every benchmark starts a server
 pub fn start_server(data_dir: &Path) -> (Child, String) {
+    start_server_with(data_dir, &[])
+}
+
+/// As [`start_server`], with more flags.
+#[allow(dead_code)]
+pub fn start_server_with(data_dir: &Path, extra: &[&str]) -> (Child, String) {
     let binary = std::env::var_os("SEMCACHE_BENCH_SERVER")
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_semcache").into());
     let mut child = Command::new(binary)
         .args(["serve", "--addr", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
+        .args(extra)
         .env("SEMCACHE_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()

@@ -289,12 +289,18 @@ impl Exchange {
             Ok(Err(e)) => {
                 let overloaded =
                     matches!(e, crate::cache::CacheError::Embed(EmbedError::QueueFull));
-                tracing::warn!(error = %e, "gateway lookup failed; the request goes to the model");
+                // Overload and slow lookups are counted, not logged per request (that
+                // would flood the logs exactly when the server is busiest).
+                if overloaded {
+                    tracing::debug!("embedding queue full; the request goes to the model");
+                } else {
+                    tracing::warn!(error = %e, "gateway lookup failed; the request goes to the model");
+                }
                 self.bypass(if overloaded { "overloaded" } else { "error" });
                 return None;
             }
             Err(_) => {
-                tracing::warn!(
+                tracing::debug!(
                     budget_ms = budget.as_millis() as u64,
                     "gateway lookup over its budget; the request goes to the model"
                 );

@@ -49,6 +49,8 @@ pub struct GatewayOptions {
     pub scope_headers: Vec<String>,
     /// A lookup slower than this lets the request go on to the model.
     pub lookup_timeout: Duration,
+    /// Streams without a key are let in (as writers) even when keys are on.
+    pub allow_anonymous: bool,
     pub limits: Limits,
 }
 
@@ -92,8 +94,10 @@ impl Processor {
             cache_id: text(CACHE_METADATA).map(str::to_string),
             ..Caller::default()
         };
-        if self.shared.keys.enabled() {
-            let key = text("authorization")
+        let presented = text("authorization");
+        let anonymous = presented.is_none() && self.shared.options.allow_anonymous;
+        if self.shared.keys.enabled() && !anonymous {
+            let key = presented
                 .and_then(crate::auth::bearer)
                 .and_then(|k| self.shared.keys.find(k));
             match key {

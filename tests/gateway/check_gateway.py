@@ -227,11 +227,20 @@ def auth(args):
         time.sleep(0.5)
         check(entries(semcache, "gw-a", admin) == 1, "reader key: stores nothing")
         check(chat(reader, r)[0] == "miss", "reader key: still a miss")
-        for prefix, what in [("/wrong", "a wrong key"), ("/other", "a key outside its caches"), ("", "no key")]:
+        refused = [("/wrong", "a wrong key"), ("/other", "a key outside its caches")]
+        if not args.get("anonymous"):
+            refused.append(("", "no key"))
+        for prefix, what in refused:
             calls = n()
             state, _, content, _ = chat(sdk(envoy, prefix), q)
             check(state is None and n() == calls + 1 and content,
                   f"{what}: the stream is refused, the request still answered by the model")
+        if args.get("anonymous"):
+            anon = sdk(envoy)
+            a = "Which ocean is the largest?"
+            check(chat(anon, a)[0] == "miss", "no key, anonymous streams allowed: miss")
+            wait_entries(semcache, "default", 1, headers=admin)
+            check(chat(anon, a)[0] == "hit", "no key, anonymous streams allowed: stored and served")
         status, _, body = http("GET", f"{semcache}/metrics")
         check('semcache_ext_proc_streams_total{result="unauthenticated"}' in body.decode(),
               "refused streams are counted")
