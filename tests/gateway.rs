@@ -93,6 +93,16 @@ fn requests_are_answered_when_semcache_is_killed() {
 }
 
 #[test]
+fn a_lookup_over_its_budget_goes_to_the_model() {
+    let server = gateway(&["--ext-proc-lookup-timeout-millis", "1"]);
+    run_scenario(
+        "budget",
+        json!({"http": server.url, "ext_proc": server.ext_proc}),
+    );
+    server.assert_healthy();
+}
+
+#[test]
 fn three_replicas_each_cache_on_one() {
     let servers: Vec<Server> = (0..3).map(|_| gateway(&[])).collect();
     let instances: Vec<Value> = servers

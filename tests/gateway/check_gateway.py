@@ -271,6 +271,32 @@ def fail_open(args):
         envoy.stop()
 
 
+def budget(args):
+    """A lookup over its budget, and a server not yet ready, let the request go on."""
+    model = StandIn()
+    semcache = args["http"]
+    host, port = args["ext_proc"].rsplit(":", 1)
+    envoy = Envoy(harness.bootstrap(harness.free_port(), model.port, {"semcache": (host, int(port))},
+                                    [harness.route("/")], harness.ext_proc_filter("semcache")))
+    try:
+        # The cache exists, so a new prompt needs the model: a long one takes far longer
+        # to embed than the 1 ms budget this server was given.
+        status, _, _ = http("POST", f"{semcache}/v1/caches/default/entries",
+                            {"prompt": "warm-up", "response": "x"})
+        check(status == 201, "the cache exists")
+        long_prompt = " ".join(f"word{i} about the history of the Roman empire" for i in range(300))
+        client = sdk(envoy)
+        for _ in range(2):
+            state, h, content, _ = chat(client, long_prompt)
+            check(state == "bypass" and h.get("x-semcache-bypass") == "timeout" and content.startswith("Answer #"),
+                  "a lookup over its budget goes to the model")
+        status, _, body = http("GET", f"{semcache}/metrics")
+        check('semcache_ext_proc_requests_total{outcome="bypass",reason="timeout"} 2' in body.decode(),
+              "timeouts are counted")
+    finally:
+        envoy.stop()
+
+
 def replicas(args):
     """Three instances; each route names its cache and its replica (ExtProcPerRoute)."""
     model = StandIn()
@@ -309,5 +335,6 @@ def replicas(args):
 
 if __name__ == "__main__":
     scenario, params = sys.argv[1], json.loads(sys.argv[2])
-    {"single": single, "auth": auth, "fail-open": fail_open, "replicas": replicas}[scenario](params)
+    {"single": single, "auth": auth, "fail-open": fail_open, "budget": budget,
+     "replicas": replicas}[scenario](params)
     print("all checks passed")
