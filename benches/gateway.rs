@@ -272,6 +272,28 @@ fn report(name: &str, clients: usize, run: &Run) {
     );
 }
 
+/// Sums and counts of semcache's ext_proc lookup and embedding-batch histograms.
+async fn lookup_totals(http: &reqwest::Client, url: &str) -> (f64, f64, f64, f64) {
+    let text = match http.get(format!("{url}/metrics")).send().await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(name)
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+            })
+            .unwrap_or(0.0)
+    };
+    (
+        value("semcache_ext_proc_lookup_duration_seconds_sum "),
+        value("semcache_ext_proc_lookup_duration_seconds_count "),
+        value("semcache_embed_batch_duration_seconds_sum "),
+        value("semcache_embed_batch_duration_seconds_count "),
+    )
+}
+
 fn main() {
     let pairs_path = std::env::var("SEMCACHE_BENCH_PAIRS")
         .unwrap_or_else(|_| "../shared/data/gptcache-mock-pairs.json".into());
@@ -338,6 +360,7 @@ fn main() {
         )
         .await;
         report("embedding one text (semcache HTTP)", 1, &embed);
+        let before = lookup_totals(&http, &url).await;
         let misses = drive(
             &cached_url,
             Arc::new(origins.clone()),
@@ -347,6 +370,12 @@ fn main() {
         )
         .await;
         report("miss via Envoy + semcache", 1, &misses);
+        let after = lookup_totals(&http, &url).await;
+        println!(
+            "semcache's own time per lookup in that run (body in to answer out, mean): {:.2} ms; per embedding batch (mean): {:.2} ms",
+            (after.0 - before.0) / (after.1 - before.1).max(1.0) * 1e3,
+            (after.2 - before.2) / (after.3 - before.3).max(1.0) * 1e3,
+        );
         for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
             println!(
                 "added by semcache on a miss, {name}: {:.2} ms (embedding alone {name}: {:.2} ms)",

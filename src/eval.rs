@@ -379,6 +379,7 @@ async fn simulate(task: &Task, model_dir: Option<PathBuf>) -> anyhow::Result<Vec
                     strategies: Vec::new(),
                     max_results: 1,
                     explain: true,
+                    max_queue_wait: None,
                 };
                 let outcome: SearchOutcome = core.search(cache, &query).await?;
                 let ours = outcome

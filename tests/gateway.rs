@@ -94,7 +94,26 @@ fn requests_are_answered_when_semcache_is_killed() {
 
 #[test]
 fn a_lookup_over_its_budget_goes_to_the_model() {
-    let server = gateway(&["--ext-proc-lookup-timeout-millis", "1"]);
+    // An entry stored before a restart: the restarted server has a cache to search and
+    // no measure of the model's pace yet.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let mut before = Server::start_in(&dir, &[]);
+    before.set("default", "warm-up", "x", json!({}));
+    before.signal("TERM");
+    assert_eq!(
+        before.wait_exit(std::time::Duration::from_secs(30)),
+        Some(0)
+    );
+    let server = Server::start_in(
+        &dir,
+        &[
+            "--ext-proc-addr",
+            "127.0.0.1:0",
+            "--ext-proc-lookup-timeout-millis",
+            "1",
+        ],
+    );
     run_scenario(
         "budget",
         json!({"http": server.url, "ext_proc": server.ext_proc}),

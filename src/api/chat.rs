@@ -91,6 +91,7 @@ pub async fn search(
         strategies: Vec::new(),
         max_results: 1,
         explain: params.0.explain,
+        max_queue_wait: None,
     };
     let outcome = core.search(&cache_id, &query).await?;
     Ok(search_response(outcome, query.explain))

@@ -235,6 +235,7 @@ impl SearchRequest {
             strategies,
             max_results: max_results as usize,
             explain,
+            max_queue_wait: None,
         })
     }
 }

@@ -108,6 +108,8 @@ pub struct Query {
     pub max_results: usize,
     /// Report every candidate considered and why it was or was not served.
     pub explain: bool,
+    /// Refuse (as a full queue) rather than wait longer than this for the embedding.
+    pub max_queue_wait: Option<std::time::Duration>,
 }
 
 /// What an insert stores.
@@ -920,6 +922,12 @@ impl CacheService {
         served: &mut Vec<usize>,
         outcome: &mut SearchOutcome,
     ) -> Result<(), CacheError> {
+        if query
+            .max_queue_wait
+            .is_some_and(|limit| self.embedder.expected_wait() > limit)
+        {
+            return Err(EmbedError::QueueFull.into());
+        }
         let embedded = self.embedder.embed(query.prompt.clone()).await?;
         let vector = embedded.vector.clone();
         let query_end = embedded.truncated_at;

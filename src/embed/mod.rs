@@ -134,6 +134,24 @@ struct Job {
 pub struct Embedder {
     tx: mpsc::Sender<Job>,
     info: Arc<EmbedderInfo>,
+    pace: Arc<Pace>,
+}
+
+/// Recent model time per text (an exponential average over batches), for callers that
+/// would rather not queue than wait longer than they can afford.
+#[derive(Default)]
+struct Pace {
+    nanos_per_text: std::sync::atomic::AtomicU64,
+}
+
+impl Pace {
+    fn record(&self, texts: usize, took: std::time::Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = (took.as_nanos() / texts.max(1) as u128) as u64;
+        let old = self.nanos_per_text.load(Relaxed);
+        let new = if old == 0 { now } else { (old * 4 + now) / 5 };
+        self.nanos_per_text.store(new, Relaxed);
+    }
 }
 
 #[derive(Debug)]
@@ -175,8 +193,10 @@ impl Embedder {
             capacity: options.capacity.max(1),
             workers,
         });
+        let pace = Arc::new(Pace::default());
         let shared = Arc::new(Worker {
             queue: Mutex::new(rx),
+            pace: pace.clone(),
             tokenizer,
             backend,
             options,
@@ -196,7 +216,7 @@ impl Embedder {
                 .spawn(move || shared.run(&pool))
                 .map_err(|e| EmbedError::Load(format!("cannot start inference thread: {e}")))?;
         }
-        Ok(Self { tx, info })
+        Ok(Self { tx, info, pace })
     }
 
     pub fn info(&self) -> &EmbedderInfo {
@@ -206,6 +226,17 @@ impl Embedder {
     /// Texts waiting for the model right now.
     pub fn queue_depth(&self) -> usize {
         self.info.capacity - self.tx.capacity()
+    }
+
+    /// About how long a text queued now waits for its embedding: the texts ahead of it
+    /// at the recent pace, shared by the workers.
+    pub fn expected_wait(&self) -> std::time::Duration {
+        let per_text = self
+            .pace
+            .nanos_per_text
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let ahead = self.queue_depth() as u64 + 1;
+        std::time::Duration::from_nanos(per_text * ahead / self.info.workers.max(1) as u64)
     }
 
     pub async fn embed(&self, text: String) -> Result<Embedded, EmbedError> {
@@ -239,6 +270,7 @@ impl Embedder {
 /// What the inference workers share: the queue, the tokenizer and the model.
 struct Worker {
     queue: Mutex<mpsc::Receiver<Job>>,
+    pace: Arc<Pace>,
     tokenizer: TextTokenizer,
     backend: BertBackend,
     options: QueueOptions,
@@ -266,7 +298,9 @@ impl Worker {
             while !rest.is_empty() {
                 let take = batch_len(rest, self.options, self.backend.ragged());
                 let (batch, tail) = std::mem::take(&mut rest).split_at_mut(take);
+                let started = std::time::Instant::now();
                 pool.install(|| run_batch(&self.backend, batch));
+                self.pace.record(take, started.elapsed());
                 rest = tail;
             }
         }
@@ -361,6 +395,24 @@ fn run_batch(backend: &BertBackend, batch: &mut [(Job, TokenizedText)]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pace_follows_recent_batches() {
+        use std::sync::atomic::Ordering::Relaxed;
+        use std::time::Duration;
+        let pace = Pace::default();
+        pace.record(4, Duration::from_millis(20));
+        assert_eq!(
+            pace.nanos_per_text.load(Relaxed),
+            5_000_000,
+            "first batch sets it"
+        );
+        pace.record(1, Duration::from_millis(10));
+        // A fifth of the way towards the newest batch's 10 ms per text.
+        assert_eq!(pace.nanos_per_text.load(Relaxed), 6_000_000);
+        pace.record(0, Duration::ZERO);
+        assert_eq!(pace.nanos_per_text.load(Relaxed), 4_800_000);
+    }
 
     fn texts(lengths: &[usize]) -> Vec<(Job, TokenizedText)> {
         lengths

@@ -281,6 +281,8 @@ impl Exchange {
             strategies: Vec::new(),
             max_results: 1,
             explain: false,
+            // Under overload, go to the model at once rather than after the budget.
+            max_queue_wait: Some(shared.options.lookup_timeout),
         };
         let budget = shared.options.lookup_timeout;
         let found = match tokio::time::timeout(budget, core.search(&pending.cache_id, &query)).await
