@@ -212,10 +212,33 @@ pub async fn serve(
             let _ = s.set_nodelay(true);
         })
     });
+    // grpc.health.v1, for Envoy's gRPC health checks of the semcache cluster: NOT_SERVING
+    // until the model and indexes are loaded (a starting replica would only answer
+    // "continue"), then SERVING.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    health
+        .set_not_serving::<ExternalProcessorServer<Processor>>()
+        .await;
+    let core = processor.shared.core.clone();
+    tokio::spawn(async move {
+        while core.get().is_none() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        health
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+        health
+            .set_serving::<ExternalProcessorServer<Processor>>()
+            .await;
+    });
     let service = ExternalProcessorServer::new(processor)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     tonic::transport::Server::builder()
+        .add_service(health_service)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, stop)
         .await

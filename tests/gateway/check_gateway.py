@@ -63,6 +63,8 @@ def single(args):
     envoy = Envoy(harness.bootstrap(harness.free_port(), model.port, {"semcache": (host, int(port))},
                                     routes, harness.ext_proc_filter("semcache")))
     try:
+        envoy.wait_health("semcache", "healthy")
+        print("ok: Envoy's gRPC health check sees semcache serving")
         client = sdk(envoy)
         n = lambda: model.chat_calls()
         stored = lambda: entries(semcache, "default")
@@ -261,7 +263,8 @@ def fail_open(args):
         wait_entries(args["http"], "default", 1)
         check(chat(client, q)[0] == "hit", "semcache up: hit")
         os.kill(args["pid"], signal.SIGKILL)
-        time.sleep(0.3)
+        envoy.wait_health("semcache", "failed_active_hc")
+        print("ok: Envoy's gRPC health check marks the killed semcache failed")
         calls = model.chat_calls()
         for stream in (False, True, False):
             state, _, content, _ = chat(client, q, stream=stream)

@@ -203,6 +203,9 @@ def cluster(name, host, port, http2=False):
             {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}]}]},
     }
     if http2:
+        # semcache's ext_proc port serves grpc.health.v1: SERVING once it is ready.
+        c["health_checks"] = [{"timeout": "0.5s", "interval": "0.5s", "no_traffic_interval": "0.5s", "unhealthy_threshold": 1,
+                               "healthy_threshold": 1, "grpc_health_check": {}}]
         c["typed_extension_protocol_options"] = {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
@@ -264,9 +267,10 @@ class Envoy:
             json.dump(config, f)
         self.port = config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
         self.log = open(os.path.join(self.dir, "envoy.log"), "w")
+        self.admin_path = os.path.join(self.dir, "admin.txt")
         self.proc = subprocess.Popen(
             [envoy_binary(), "-c", self.path, "--log-level", "warn", "--base-id", str(os.getpid() % 60000),
-             "--concurrency", "2"],
+             "--concurrency", "2", "--admin-address-path", self.admin_path],
             stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 30
         while time.time() < deadline:
@@ -278,6 +282,24 @@ class Envoy:
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError("envoy did not start listening")
+
+    def host_health(self, cluster):
+        """The health flags Envoy's admin /clusters shows for the cluster's hosts."""
+        with open(self.admin_path) as f:
+            admin = f.read().strip()
+        with urllib.request.urlopen(f"http://{admin}/clusters", timeout=5) as r:
+            lines = r.read().decode().splitlines()
+        return [l.split("::health_flags::", 1)[1] for l in lines
+                if l.startswith(f"{cluster}::") and "::health_flags::" in l]
+
+    def wait_health(self, cluster, flag, limit=15.0):
+        deadline = time.time() + limit
+        while time.time() < deadline:
+            flags = self.host_health(cluster)
+            if flags and all(flag in f for f in flags):
+                return flags
+            time.sleep(0.1)
+        raise AssertionError(f"{cluster} never became {flag}: {self.host_health(cluster)}")
 
     @property
     def url(self):
