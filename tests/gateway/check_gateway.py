@@ -105,18 +105,52 @@ def single(args):
         state, _, as_stream, _ = chat(client, q, stream=True)
         check(state == "hit" and as_stream == first and n() == 2, "a JSON answer serves a streamed request")
 
+        # Tool calls: streamed deltas are assembled, stored, and served both ways.
+        tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string"}}}}}]
+        tq = "What is the weather in Paris? [tool]"
+        calls = n()
+        raw = client.chat.completions.with_raw_response.create(
+            model="stand-in", temperature=0, tools=tools, stream=True,
+            messages=[{"role": "user", "content": tq}])
+        check(raw.headers.get("x-semcache") == "miss", "a streamed tool call misses")
+        streamed_args, name = "", None
+        for chunk in raw.parse():
+            for c in chunk.choices:
+                for tc in c.delta.tool_calls or []:
+                    name = tc.function.name or name
+                    streamed_args += tc.function.arguments or ""
+        wait_entries(semcache, "default", 3)
+        raw = client.chat.completions.with_raw_response.create(
+            model="stand-in", temperature=0, tools=tools, messages=[{"role": "user", "content": tq}])
+        hit = raw.parse().choices[0]
+        check(raw.headers.get("x-semcache") == "hit" and n() == calls + 1
+              and hit.finish_reason == "tool_calls" and hit.message.tool_calls[0].function.name == "get_weather"
+              and hit.message.tool_calls[0].function.arguments == streamed_args and name == "get_weather",
+              "the assembled tool call is served to a plain request, arguments identical")
+        raw = client.chat.completions.with_raw_response.create(
+            model="stand-in", temperature=0, tools=tools, stream=True,
+            messages=[{"role": "user", "content": tq}])
+        replayed = "".join(tc.function.arguments or "" for chunk in raw.parse() for c in chunk.choices
+                           for tc in c.delta.tool_calls or [])
+        check(raw.headers.get("x-semcache") == "hit" and replayed == streamed_args,
+              "and replayed as tool-call deltas to a streamed one")
+        check(chat(client, tq)[0] == "miss", "without the tools the same question is another scope")
+        wait_entries(semcache, "default", 4)
+        n0 = 4
+
         # Tenants set by scope header never share.
         t = "What is the boiling point of water at sea level?"
         a, b = sdk(envoy, headers={TENANT: "acme"}), sdk(envoy, headers={TENANT: "globex"})
         state, _, ans_a, _ = chat(a, t)
-        check(state == "miss" and n() == 3, "tenant acme misses")
-        wait_entries(semcache, "default", 3)
-        state, _, ans_b, _ = chat(b, t)
-        check(state == "miss" and n() == 4 and ans_b != ans_a, "tenant globex does not get acme's answer")
-        check(chat(a, t)[0] == "hit", "tenant acme hits its own answer")
-        wait_entries(semcache, "default", 4)
-        check(chat(client, t)[0] == "miss" and n() == 5, "no tenant header is a scope of its own")
+        check(state == "miss" and n() == 5, "tenant acme misses")
         wait_entries(semcache, "default", 5)
+        state, _, ans_b, _ = chat(b, t)
+        check(state == "miss" and n() == 6 and ans_b != ans_a, "tenant globex does not get acme's answer")
+        check(chat(a, t)[0] == "hit", "tenant acme hits its own answer")
+        wait_entries(semcache, "default", 6)
+        check(chat(client, t)[0] == "miss" and n() == 7, "no tenant header is a scope of its own")
+        wait_entries(semcache, "default", 7)
 
         # Never stored: sampled, truncated, refused, failed, cut-off answers.
         before = stored()

@@ -81,10 +81,17 @@ class StandIn:
                 usage = {"prompt_tokens": 7, "completion_tokens": 9, "total_tokens": 16}
                 created = int(time.time())
                 cid = f"chatcmpl-{n}"
+                tool = "[tool]" in prompt
+                if tool:
+                    finish = "tool_calls"
                 if request.get("stream"):
-                    self.stream(request, cid, created, answer, finish, refusal, usage, "[cut]" in prompt)
+                    self.stream(request, cid, created, answer, finish, refusal, usage, "[cut]" in prompt, tool, n)
                     return
                 message = {"role": "assistant", "content": None if refusal else answer}
+                if tool:
+                    message = {"role": "assistant", "content": None, "tool_calls": [
+                        {"id": f"call_{n}", "type": "function",
+                         "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris", "call": n})}}]}
                 if refusal:
                     message["refusal"] = refusal
                 self._send(200, {
@@ -94,7 +101,7 @@ class StandIn:
                     "usage": usage,
                 })
 
-            def stream(self, request, cid, created, answer, finish, refusal, usage, cut):
+            def stream(self, request, cid, created, answer, finish, refusal, usage, cut, tool=False, n=0):
                 self.send_response(200)
                 self.send_header("content-type", "text/event-stream")
                 self.send_header("transfer-encoding", "chunked")
@@ -113,6 +120,20 @@ class StandIn:
                     self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
                     self.wfile.flush()
 
+                if tool:
+                    # Tool-call deltas as the API streams them: id and name first, then
+                    # the arguments in pieces.
+                    args = json.dumps({"city": "Paris", "call": n})
+                    event([{"index": 0, "delta": {"role": "assistant", "content": None, "tool_calls": [
+                        {"index": 0, "id": f"call_{n}", "type": "function",
+                         "function": {"name": "get_weather", "arguments": ""}}]}, "finish_reason": None}])
+                    for i in range(0, len(args), 5):
+                        event([{"index": 0, "delta": {"tool_calls": [
+                            {"index": 0, "function": {"arguments": args[i:i + 5]}}]}, "finish_reason": None}])
+                    event([{"index": 0, "delta": {}, "finish_reason": "tool_calls"}])
+                    write("data: [DONE]\n\n")
+                    self.wfile.write(b"0\r\n\r\n")
+                    return
                 event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
                 words = answer.split(" ")
                 for i, word in enumerate(words):
