@@ -135,7 +135,9 @@ impl Exchange {
             Some(Request::ResponseHeaders(h)) => self.response_headers(&h),
             Some(Request::ResponseBody(b)) => return Ok(self.response_body(b)),
             Some(Request::RequestTrailers(_)) => proto::request_trailers(),
-            Some(Request::ResponseTrailers(_)) => proto::response_trailers(),
+            Some(Request::ResponseTrailers(_)) => {
+                return Ok((proto::response_trailers(), self.response_ended()))
+            }
             None => return Err(Status::invalid_argument("empty ProcessingRequest")),
         };
         Ok((reply, None))
@@ -427,14 +429,19 @@ impl Exchange {
         if !body.end_of_stream {
             return (proto::response_body(), None);
         }
-        let job = match std::mem::replace(&mut self.phase, Phase::Idle) {
+        (proto::response_body(), self.response_ended())
+    }
+
+    /// The answer collected so far, once the response has ended (its last body chunk,
+    /// or its trailers when the operator sends those to us).
+    fn response_ended(&mut self) -> Option<StoreJob> {
+        match std::mem::replace(&mut self.phase, Phase::Idle) {
             Phase::Collect(pending, collector) => Some(StoreJob {
                 pending: *pending,
                 collector,
             }),
             _ => None,
-        };
-        (proto::response_body(), job)
+        }
     }
 }
 
@@ -502,6 +509,203 @@ impl StoreJob {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+    use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
+    use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response;
+
+    fn exchange() -> Exchange {
+        let shared = Arc::new(Shared {
+            // No core: as while the model loads.
+            core: Arc::new(std::sync::OnceLock::new()),
+            options: super::super::GatewayOptions {
+                cache_header: "x-semcache-cache-id".into(),
+                default_cache: "default".into(),
+                scope_headers: vec!["x-tenant-id".into()],
+                lookup_timeout: std::time::Duration::from_millis(200),
+                allow_anonymous: false,
+                limits: crate::api::Limits::default(),
+            },
+            keys: crate::auth::KeyRing::default(),
+        });
+        Exchange::new(shared, Caller::default())
+    }
+
+    fn headers(pairs: &[(&str, &str)], end_of_stream: bool) -> ProcessingRequest {
+        let headers = pairs
+            .iter()
+            .map(|(k, v)| HeaderValue {
+                key: (*k).into(),
+                raw_value: v.as_bytes().to_vec(),
+                ..Default::default()
+            })
+            .collect();
+        ProcessingRequest {
+            request: Some(Request::RequestHeaders(HttpHeaders {
+                headers: Some(HeaderMap { headers }),
+                end_of_stream,
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
+    fn chat_headers(extra: &[(&str, &str)]) -> ProcessingRequest {
+        let mut pairs = vec![
+            (":method", "POST"),
+            (":path", "/v1/chat/completions?x=1"),
+            ("content-type", "application/json"),
+        ];
+        pairs.extend_from_slice(extra);
+        headers(&pairs, false)
+    }
+
+    fn response_headers(status: &str) -> ProcessingRequest {
+        ProcessingRequest {
+            request: Some(Request::ResponseHeaders(HttpHeaders {
+                headers: Some(HeaderMap {
+                    headers: vec![HeaderValue {
+                        key: ":status".into(),
+                        raw_value: status.as_bytes().to_vec(),
+                        ..Default::default()
+                    }],
+                }),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
+    fn set_headers(reply: &ProcessingResponse) -> Vec<(String, String)> {
+        let common = match &reply.response {
+            Some(Response::ResponseHeaders(h)) | Some(Response::RequestHeaders(h)) => {
+                h.response.clone()
+            }
+            _ => None,
+        };
+        common
+            .and_then(|c| c.header_mutation)
+            .map(|m| {
+                m.set_headers
+                    .into_iter()
+                    .filter_map(|o| o.header)
+                    .map(|h| (h.key, String::from_utf8_lossy(&h.raw_value).into_owned()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn other_requests_skip_the_rest_of_the_exchange() {
+        for request in [
+            headers(&[(":method", "GET"), (":path", "/v1/models")], true),
+            headers(
+                &[
+                    (":method", "POST"),
+                    (":path", "/v1/embeddings"),
+                    ("content-type", "application/json"),
+                ],
+                false,
+            ),
+            headers(
+                &[
+                    (":method", "POST"),
+                    (":path", "/v1/chat/completions"),
+                    ("content-type", "text/plain"),
+                ],
+                false,
+            ),
+        ] {
+            let mut x = exchange();
+            let (reply, job) = x.handle(request).await.unwrap();
+            assert!(job.is_none());
+            let mode = reply.mode_override.expect("a mode override");
+            assert_eq!(mode.request_body_mode, BodySendMode::None as i32);
+            assert_eq!(mode.response_body_mode, BodySendMode::None as i32);
+            assert_eq!(x.outcome.outcome, "passthrough");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bypass_is_told_on_the_response_and_nothing_is_collected() {
+        // Not ready yet: the body is read, the request continues, the response says why.
+        let mut x = exchange();
+        x.handle(chat_headers(&[])).await.unwrap();
+        let body = ProcessingRequest {
+            request: Some(Request::RequestBody(HttpBody {
+                body:
+                    br#"{"model":"m","temperature":0,"messages":[{"role":"user","content":"hi"}]}"#
+                        .to_vec(),
+                end_of_stream: true,
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let (reply, _) = x.handle(body).await.unwrap();
+        assert!(matches!(reply.response, Some(Response::RequestBody(_))));
+        let (reply, _) = x.handle(response_headers("200")).await.unwrap();
+        let set = set_headers(&reply);
+        assert!(set.contains(&("x-semcache".into(), "bypass".into())));
+        assert!(set.contains(&("x-semcache-bypass".into(), "not-ready".into())));
+        let mode = reply.mode_override.expect("no response body wanted");
+        assert_eq!(mode.response_body_mode, BodySendMode::None as i32);
+
+        // A cache id the client cannot have meant: bypass before the body.
+        let mut x = exchange();
+        let (reply, _) = x
+            .handle(chat_headers(&[("x-semcache-cache-id", "../etc")]))
+            .await
+            .unwrap();
+        assert_eq!(x.outcome.reason, "invalid-cache-id");
+        assert_eq!(
+            reply.mode_override.map(|m| m.request_body_mode),
+            Some(BodySendMode::None as i32)
+        );
+
+        // Both cache-control directives: nothing to look up or store.
+        let mut x = exchange();
+        x.handle(chat_headers(&[("cache-control", "no-cache, no-store")]))
+            .await
+            .unwrap();
+        assert_eq!(x.outcome.reason, "cache-control");
+
+        // A body Envoy cut at its buffer limit is not keyed on.
+        let mut x = exchange();
+        x.handle(chat_headers(&[])).await.unwrap();
+        let partial = ProcessingRequest {
+            request: Some(Request::RequestBody(HttpBody {
+                body: b"{".to_vec(),
+                end_of_stream: false,
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        x.handle(partial).await.unwrap();
+        assert_eq!(x.outcome.reason, "body-not-buffered");
+    }
+
+    #[tokio::test]
+    async fn scope_headers_are_the_operators_and_absent_is_a_value() {
+        let mut x = exchange();
+        x.handle(chat_headers(&[("x-tenant-id", "acme")]))
+            .await
+            .unwrap();
+        let Phase::Body(pending) = &x.phase else {
+            panic!("waiting for the body");
+        };
+        assert_eq!(
+            pending.scope.get("header.x-tenant-id").map(String::as_str),
+            Some("acme")
+        );
+        let mut x = exchange();
+        x.handle(chat_headers(&[])).await.unwrap();
+        let Phase::Body(pending) = &x.phase else {
+            panic!("waiting for the body");
+        };
+        assert_eq!(
+            pending.scope.get("header.x-tenant-id").map(String::as_str),
+            Some("")
+        );
+    }
 
     #[test]
     fn cache_control_directives() {
