@@ -9,6 +9,15 @@ use serde_json::{json, Map, Value};
 
 use super::Uncacheable;
 
+/// Fields a completion and each of its chunks share.
+const ENVELOPE: [&str; 5] = [
+    "id",
+    "created",
+    "model",
+    "system_fingerprint",
+    "service_tier",
+];
+
 #[derive(Debug, Default)]
 struct ToolCall {
     id: Option<String>,
@@ -108,13 +117,7 @@ impl Assembler {
             self.spoil(Uncacheable::ErrorResponse);
             return;
         }
-        for field in [
-            "id",
-            "created",
-            "model",
-            "system_fingerprint",
-            "service_tier",
-        ] {
+        for field in ENVELOPE {
             if let Some(v) = chunk.remove(field).filter(|v| !v.is_null()) {
                 self.envelope.entry(field).or_insert(v);
             }
@@ -235,13 +238,7 @@ impl Assembler {
 /// usage chunk with no choices; then `data: [DONE]`.
 pub fn replay(completion: &Value, include_usage: bool) -> String {
     let mut envelope = Map::new();
-    for field in [
-        "id",
-        "created",
-        "model",
-        "system_fingerprint",
-        "service_tier",
-    ] {
+    for field in ENVELOPE {
         if let Some(v) = completion.get(field) {
             envelope.insert(field.into(), v.clone());
         }
