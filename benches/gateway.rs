@@ -410,34 +410,16 @@ fn main() {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        let workloads = [
+            ("model via Envoy alone", &plain_url, Arc::new(origins)),
+            ("exact hits via Envoy + semcache", &cached_url, Arc::new(stored)),
+            ("paraphrases via Envoy + semcache", &cached_url, Arc::new(similar)),
+        ];
         for clients in [16, 64] {
-            let run = drive(
-                &plain_url,
-                Arc::new(origins.clone()),
-                clients,
-                duration,
-                false,
-            )
-            .await;
-            report("model via Envoy alone", clients, &run);
-            let run = drive(
-                &cached_url,
-                Arc::new(stored.clone()),
-                clients,
-                duration,
-                false,
-            )
-            .await;
-            report("exact hits via Envoy + semcache", clients, &run);
-            let run = drive(
-                &cached_url,
-                Arc::new(similar.clone()),
-                clients,
-                duration,
-                false,
-            )
-            .await;
-            report("paraphrases via Envoy + semcache", clients, &run);
+            for (name, target, bodies) in &workloads {
+                let run = drive(target, bodies.clone(), clients, duration, false).await;
+                report(name, clients, &run);
+            }
         }
         // semcache's own view of the same runs: time from the body's arrival to its answer.
         let metrics = http

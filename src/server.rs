@@ -37,11 +37,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
     )?;
     let state = AppState::new(args.limits());
-    // The gateway edge sees the core through its own cell, set with the HTTP edge's.
-    let gateway_core = Arc::new(std::sync::OnceLock::new());
     let ext_proc = match args.ext_proc_addr {
         Some(addr) => {
-            let listener = gateway::bind(addr)
+            let listener = TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen for ext_proc on {addr}"))?;
             let local = listener.local_addr()?;
@@ -64,9 +62,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
     {
         let (args, store, state) = (args.clone(), store.clone(), state.clone());
-        let gateway_core = gateway_core.clone();
         tokio::spawn(async move {
-            if let Err(e) = load(args, store, state, gateway_core).await {
+            if let Err(e) = load(args, store, state).await {
                 let _ = failed_tx.send(e);
             }
         });
@@ -94,7 +91,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     };
     let ext_proc = ext_proc.map(|listener| {
-        let processor = gateway::Processor::new(gateway_core, args.gateway_options(), keys.clone());
+        let processor =
+            gateway::Processor::new(state.core_cell(), args.gateway_options(), keys.clone());
         tokio::spawn(gateway::serve(listener, processor, stopped()))
     });
 
@@ -162,12 +160,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn load(
-    args: ServeArgs,
-    store: Store,
-    state: AppState,
-    gateway_core: Arc<std::sync::OnceLock<Arc<CacheService>>>,
-) -> anyhow::Result<()> {
+async fn load(args: ServeArgs, store: Store, state: AppState) -> anyhow::Result<()> {
     let manifest = ModelManifest::default_model();
     let model_dir = args.model.dir();
     state.set_phase("fetching model");
@@ -185,9 +178,7 @@ async fn load(
         Ok(CacheService::open(store, embedder, config)?)
     })
     .await??;
-    let core = Arc::new(core);
-    let _ = gateway_core.set(core.clone());
-    state.set_core(core);
+    state.set_core(Arc::new(core));
     tracing::info!("ready");
     Ok(())
 }

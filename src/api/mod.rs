@@ -66,7 +66,8 @@ pub struct AppState {
 }
 
 struct Inner {
-    core: OnceLock<Arc<CacheService>>,
+    /// Shared with the gateway edge (see [`AppState::core_cell`]).
+    core: Arc<OnceLock<Arc<CacheService>>>,
     phase: Mutex<String>,
     limits: Limits,
 }
@@ -75,7 +76,7 @@ impl AppState {
     pub fn new(limits: Limits) -> Self {
         Self {
             inner: Arc::new(Inner {
-                core: OnceLock::new(),
+                core: Arc::new(OnceLock::new()),
                 phase: Mutex::new("starting".into()),
                 limits,
             }),
@@ -92,6 +93,11 @@ impl AppState {
             detail: format!("semcache is not ready yet ({})", self.phase()),
             retry_after_s: 5,
         })
+    }
+
+    /// The cell the core appears in, for the other edge (ext_proc) to read.
+    pub fn core_cell(&self) -> Arc<OnceLock<Arc<CacheService>>> {
+        self.inner.core.clone()
     }
 
     pub fn set_core(&self, core: Arc<CacheService>) {

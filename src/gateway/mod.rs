@@ -11,7 +11,6 @@ mod exchange;
 mod proto;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -200,6 +199,16 @@ impl ExternalProcessor for Processor {
 /// Largest ext_proc message accepted: a buffered body up to Envoy's buffer limit.
 const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
+/// The health of the server as a whole ("") and of the ExternalProcessor service by name.
+async fn report(
+    health: &tonic_health::server::HealthReporter,
+    status: tonic_health::ServingStatus,
+) {
+    health.set_service_status("", status).await;
+    let name = <ExternalProcessorServer<Processor> as tonic::server::NamedService>::NAME;
+    health.set_service_status(name, status).await;
+}
+
 /// Serves ext_proc on `listener` until `stop` resolves; in-flight streams finish first.
 pub async fn serve(
     listener: TcpListener,
@@ -216,23 +225,13 @@ pub async fn serve(
     // until the model and indexes are loaded (a starting replica would only answer
     // "continue"), then SERVING.
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
-    health
-        .set_not_serving::<ExternalProcessorServer<Processor>>()
-        .await;
+    report(&health, tonic_health::ServingStatus::NotServing).await;
     let core = processor.shared.core.clone();
     tokio::spawn(async move {
         while core.get().is_none() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        health
-            .set_service_status("", tonic_health::ServingStatus::Serving)
-            .await;
-        health
-            .set_serving::<ExternalProcessorServer<Processor>>()
-            .await;
+        report(&health, tonic_health::ServingStatus::Serving).await;
     });
     let service = ExternalProcessorServer::new(processor)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -242,9 +241,4 @@ pub async fn serve(
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, stop)
         .await
-}
-
-/// Binds the ext_proc address, so a taken port fails start-up at once.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }
