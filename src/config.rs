@@ -32,6 +32,8 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Measure hit quality on a labelled pairs file (precision/recall per threshold).
     Eval(crate::eval::EvalArgs),
+    /// Measure `maxErrorRate` on a question stream: error bound, hit rate, static peers.
+    EvalBound(crate::eval::bound::BoundArgs),
     /// Manage the embedding model.
     Model {
         #[command(subcommand)]
@@ -118,6 +120,11 @@ pub struct ServeArgs {
     /// Default minimum cosine similarity for a semantic hit, in [0, 1].
     #[arg(long, env = "SEMCACHE_SIMILARITY_THRESHOLD", default_value_t = 0.9)]
     pub similarity_threshold: f32,
+    /// Caches with maxErrorRate: a fresh answer confirms the cached one it explored
+    /// when their embeddings' cosine is at least this (and they agree in numbers,
+    /// names and negations). See docs/hit-quality.md for how noisy this is.
+    #[arg(long, env = "SEMCACHE_ANSWER_SIMILARITY", default_value_t = 0.9)]
+    pub answer_similarity: f32,
     /// TTL for entries inserted without ttlMillis; unset keeps them until deleted.
     #[arg(long, env = "SEMCACHE_DEFAULT_TTL_MILLIS")]
     pub default_ttl_millis: Option<u64>,
@@ -235,6 +242,7 @@ impl ServeArgs {
     pub fn cache_config(&self) -> CacheConfig {
         CacheConfig {
             similarity_threshold: self.similarity_threshold.clamp(0.0, 1.0),
+            answer_similarity: self.answer_similarity.clamp(0.0, 1.0),
             default_ttl_ms: self.default_ttl_millis,
             index: IndexParams {
                 ef_search: self.hnsw_ef_search.max(1),

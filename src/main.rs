@@ -35,6 +35,13 @@ fn main() -> ExitCode {
             );
             semcache::eval::run(args)
         }
+        Some(Command::EvalBound(args)) => {
+            init_logging(LogFormat::Text);
+            semcache::embed::one_kernel_thread_per_worker(
+                semcache::embed::QueueOptions::default().workers,
+            );
+            semcache::eval::bound::run_eval(args)
+        }
         None => run_server(cli.serve),
     };
     match result {

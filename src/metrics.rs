@@ -25,6 +25,8 @@ pub struct Metrics {
     pub evictions: IntCounterVec,
     pub tombstones: IntGaugeVec,
     pub false_hit_reports: IntCounterVec,
+    pub bounded_decisions: IntCounterVec,
+    pub exploration_labels: IntCounterVec,
     pub embed_batch_size: Histogram,
     pub embed_queue_depth: IntGauge,
     pub embed_duration: Histogram,
@@ -90,6 +92,20 @@ fn build() -> Result<Metrics, prometheus::Error> {
             "Feedback reports of wrong answers",
         ),
         &["cache"],
+    )?;
+    let bounded_decisions = IntCounterVec::new(
+        Opts::new(
+            "semcache_bounded_decisions_total",
+            "maxErrorRate decisions on a semantic candidate (serve, explore, miss)",
+        ),
+        &["cache", "decision"],
+    )?;
+    let exploration_labels = IntCounterVec::new(
+        Opts::new(
+            "semcache_exploration_labels_total",
+            "Explorations labelled by comparing the fresh answer with the cached one",
+        ),
+        &["cache", "label"],
     )?;
     let embed_batch_size = Histogram::with_opts(
         HistogramOpts::new("semcache_embed_batch_size", "Texts per model forward pass")
@@ -176,6 +192,8 @@ fn build() -> Result<Metrics, prometheus::Error> {
     registry.register(Box::new(evictions.clone()))?;
     registry.register(Box::new(tombstones.clone()))?;
     registry.register(Box::new(false_hit_reports.clone()))?;
+    registry.register(Box::new(bounded_decisions.clone()))?;
+    registry.register(Box::new(exploration_labels.clone()))?;
     registry.register(Box::new(embed_batch_size.clone()))?;
     registry.register(Box::new(embed_queue_depth.clone()))?;
     registry.register(Box::new(embed_duration.clone()))?;
@@ -194,6 +212,8 @@ fn build() -> Result<Metrics, prometheus::Error> {
         evictions,
         tombstones,
         false_hit_reports,
+        bounded_decisions,
+        exploration_labels,
         embed_batch_size,
         embed_queue_depth,
         embed_duration,

@@ -93,6 +93,16 @@ fn requests_are_answered_when_semcache_is_killed() {
 }
 
 #[test]
+fn an_exploration_is_labelled_by_the_answer_streaming_back() {
+    let server = gateway(&[]);
+    run_scenario(
+        "bounded",
+        json!({"http": server.url, "ext_proc": server.ext_proc}),
+    );
+    server.assert_healthy();
+}
+
+#[test]
 fn a_lookup_over_its_budget_goes_to_the_model() {
     // An entry stored before a restart: the restarted server has a cache to search and
     // no measure of the model's pace yet.

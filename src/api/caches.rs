@@ -25,6 +25,10 @@ pub struct SettingsRequest {
     pub max_bytes: Option<i64>,
     /// Cache chat requests that sample (temperature > 0, n > 1).
     pub allow_sampled: Option<bool>,
+    /// Serve a semantic hit only when the cache is confident, from what it has learned,
+    /// that it is right with probability at least 1 − maxErrorRate (in (0, 0.5]);
+    /// absent serves by the similarity threshold.
+    pub max_error_rate: Option<f64>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -45,6 +49,8 @@ pub struct EffectiveSettings {
     pub max_entries: Option<u64>,
     pub max_bytes: Option<u64>,
     pub allow_sampled: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_error_rate: Option<f32>,
 }
 
 fn view(state: &AppState, cache_id: String) -> Result<CacheView, ApiError> {
@@ -61,6 +67,7 @@ fn view(state: &AppState, cache_id: String) -> Result<CacheView, ApiError> {
             max_entries: own.max_entries,
             max_bytes: own.max_bytes,
             allow_sampled: own.allow_sampled,
+            max_error_rate: own.max_error_rate,
         },
         cache_id,
     })
@@ -95,6 +102,15 @@ pub async fn put_cache(
     JsonBody(body): JsonBody<SettingsRequest>,
 ) -> Result<Json<CacheView>, ApiError> {
     let mut errors = Vec::new();
+    if let Some(d) = body.max_error_rate {
+        if !(d > 0.0 && d <= 0.5) {
+            errors.push(FieldError::new(
+                "maxErrorRate",
+                "range",
+                "maxErrorRate must be above 0 and at most 0.5",
+            ));
+        }
+    }
     if let Some(t) = body.similarity_threshold {
         if !(0.0..=1.0).contains(&t) {
             errors.push(FieldError::new(
@@ -123,6 +139,7 @@ pub async fn put_cache(
         max_entries: positive("maxEntries", body.max_entries, &mut errors),
         max_bytes: positive("maxBytes", body.max_bytes, &mut errors),
         allow_sampled: body.allow_sampled.unwrap_or(false),
+        max_error_rate: body.max_error_rate.map(|d| d as f32),
     };
     if !errors.is_empty() {
         return Err(ApiError::Validation(errors));

@@ -307,6 +307,12 @@ pub fn search_response(outcome: SearchOutcome, explain: bool) -> Response {
         }
         None => {
             headers.insert("x-semcache", HeaderValue::from_static("miss"));
+            // maxErrorRate: the insert that follows for this prompt labels that entry.
+            if let Some(id) = outcome.explore {
+                if let Ok(v) = HeaderValue::from_str(&id.to_string()) {
+                    headers.insert("x-semcache-explore", v);
+                }
+            }
         }
     }
     (headers, Json(SearchResponse { data, explain })).into_response()

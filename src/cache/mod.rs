@@ -5,8 +5,10 @@
 //! source of truth; each cache's in-memory [`Generation`] (slot table + HNSW index) is
 //! derived from it and rebuilt from it at start-up without re-embedding anything.
 
+pub mod bound;
 pub mod chat;
 pub mod evict;
+mod learn;
 mod normalize;
 mod recent;
 mod saved;
@@ -26,6 +28,7 @@ use crate::metrics::metrics;
 use crate::store::{CacheSettings, EntryId, EntryRecord, FeedbackRecord, Store, StoreError};
 
 use evict::Policy;
+pub use learn::answers_agree_at;
 pub use normalize::{normalize_prompt, prompt_hash};
 use recent::RecentAnswers;
 use stats::{Reason, Stats, StatsSnapshot};
@@ -72,6 +75,9 @@ pub struct CacheConfig {
     /// Where each cache's HNSW graph is saved so a restart need not rebuild it; `None`
     /// rebuilds every index from the store at start-up.
     pub index_save_dir: Option<PathBuf>,
+    /// `maxErrorRate` labels: a fresh answer agrees with the cached one when their
+    /// embeddings are at least this close (and the lexical rules agree).
+    pub answer_similarity: f32,
 }
 
 impl Default for CacheConfig {
@@ -86,6 +92,7 @@ impl Default for CacheConfig {
             max_entries: None,
             max_bytes: None,
             index_save_dir: None,
+            answer_similarity: 0.9,
         }
     }
 }
@@ -139,6 +146,9 @@ pub struct Considered {
     pub served: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rejected: Option<Rejection>,
+    /// With `maxErrorRate`: the estimate and the decision.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimate: Option<learn::Explained>,
 }
 
 impl Considered {
@@ -151,6 +161,7 @@ impl Considered {
             strategy: Strategy::Semantic,
             served: false,
             rejected: Some(rejected),
+            estimate: None,
         }
     }
 }
@@ -163,6 +174,9 @@ pub struct SearchOutcome {
     /// The prompt's embedding, when the lookup ran the model: a caller that stores the
     /// answer after a miss passes it back to [`CacheService::insert_embedded`].
     pub embedded: Option<Embedded>,
+    /// With `maxErrorRate`: the candidate this miss explores; the answer stored next for
+    /// the prompt labels it.
+    pub explore: Option<EntryId>,
 }
 
 /// Cache ids: `[A-Za-z0-9._-]{1,128}`, whichever edge names them.
@@ -214,6 +228,7 @@ struct CacheState {
     capacity: Mutex<()>,
     /// Generation serial and slot count of the last saved index.
     saved: Mutex<Option<(u64, usize)>>,
+    learner: learn::Learner,
 }
 
 pub struct CacheService {
@@ -222,6 +237,7 @@ pub struct CacheService {
     config: CacheConfig,
     caches: RwLock<HashMap<String, Arc<CacheState>>>,
     recent: Mutex<RecentAnswers>,
+    explorations: Mutex<learn::Explorations>,
 }
 
 /// Whether the parts of two prompts the model did not see (past its window) agree:
@@ -261,6 +277,7 @@ impl CacheService {
             config,
             caches: RwLock::new(HashMap::new()),
             recent: Mutex::new(RecentAnswers::default()),
+            explorations: Mutex::new(learn::Explorations::default()),
         };
         for item in service.store.scan_settings() {
             let (cache_id, settings) = item?;
@@ -350,6 +367,9 @@ impl CacheService {
                     .write()
                     .set_feedback(&id, Arc::new(feedback));
             }
+        }
+        for (_, state) in service.all_states() {
+            state.learner.refit(&state.generation().read());
         }
         for (cache_id, id) in &expired {
             service.store.remove(cache_id, std::slice::from_ref(id))?;
@@ -662,6 +682,13 @@ impl CacheService {
             self.store.flush().await?;
         }
         self.publish_gauges(cache_id, &state);
+        self.label_exploration(
+            cache_id,
+            &state,
+            &record.prompt,
+            &record.attributes,
+            &record.response,
+        );
         Ok(record.id)
     }
 
@@ -783,7 +810,12 @@ impl CacheService {
         } else {
             query.strategies.clone()
         };
-        let threshold = self.threshold(&state, query);
+        let bounded = state.settings().max_error_rate;
+        let threshold = match bounded {
+            // The learned bound decides; only a threshold the request names still holds.
+            Some(_) => query.similarity_threshold.unwrap_or(learn::BOUNDED_FLOOR),
+            None => self.threshold(&state, query),
+        };
         let now = now_ms();
         let mut outcome = SearchOutcome::default();
         let mut served: Vec<usize> = Vec::new();
@@ -818,6 +850,7 @@ impl CacheService {
                     }
                     self.semantic(
                         cache_id,
+                        &state,
                         &generation,
                         query,
                         threshold,
@@ -889,6 +922,7 @@ impl CacheService {
                 strategy,
                 served: true,
                 rejected: None,
+                estimate: None,
             });
         }
         outcome.hits.push(Hit {
@@ -915,6 +949,7 @@ impl CacheService {
     async fn semantic(
         &self,
         cache_id: &str,
+        state: &CacheState,
         generation: &Generation,
         query: &Query,
         threshold: f32,
@@ -936,7 +971,8 @@ impl CacheService {
         // A few more than asked: some may be confirmed by feedback below the threshold.
         let k = (query.max_results * 2).max(4);
         let candidates = self.nearest(cache_id, generation, &vector, &query.attributes, k, now)?;
-        for (slot, similarity) in candidates {
+        let bounded = state.settings().max_error_rate;
+        for (at, &(slot, similarity)) in candidates.iter().enumerate() {
             if outcome.hits.len() >= query.max_results {
                 break;
             }
@@ -992,6 +1028,19 @@ impl CacheService {
                 .err()
             };
             match rejection {
+                // With `maxErrorRate`, the nearest candidate the rules pass is decided by
+                // the learned bound, and nothing further is considered.
+                None if bounded.is_some() && !confirmed => {
+                    let runner_up = candidates.get(at + 1).map(|c| c.1);
+                    let delta = bounded.unwrap_or(1.0);
+                    if self.decide_bounded(
+                        cache_id, state, generation, query, &query_sig, entry, similarity,
+                        runner_up, delta, outcome,
+                    ) {
+                        served.push(slot);
+                    }
+                    break;
+                }
                 None => {
                     served.push(slot);
                     self.serve(outcome, query, entry, similarity, Strategy::Semantic);
@@ -1091,8 +1140,11 @@ impl CacheService {
                 .and_then(|r| r.last(cache_id, *id))
                 .ok_or(CacheError::NoRecentQuery)?,
         };
-        let vector = self.embedder.embed(prompt).await?.vector;
+        let vector = self.embedder.embed(prompt.clone()).await?.vector;
         let _gate = state.gate.read().await;
+        self.observe_feedback(cache_id, &state, id, &prompt, &vector, correct)
+            .await?;
+        let _one = state.learner.write_turn().await;
         let mut record: FeedbackRecord = generation
             .read()
             .feedback_of(id)
@@ -1352,6 +1404,7 @@ impl CacheState {
             stats: Stats::default(),
             capacity: Mutex::new(()),
             saved: Mutex::new(None),
+            learner: learn::Learner::default(),
         }
     }
 

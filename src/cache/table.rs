@@ -237,6 +237,13 @@ impl SlotTable {
         self.by_id.get(id).copied()
     }
 
+    /// Every entry's feedback record (for the cache-wide fit of `maxErrorRate`).
+    pub fn feedback_records(
+        &self,
+    ) -> std::collections::hash_map::Values<'_, usize, Arc<FeedbackRecord>> {
+        self.feedback.values()
+    }
+
     pub fn feedback(&self, n: usize) -> Option<Arc<FeedbackRecord>> {
         self.feedback.get(&n).cloned()
     }

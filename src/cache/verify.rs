@@ -38,6 +38,10 @@ pub enum Rejection {
     /// Someone reported this entry as a wrong answer for a prompt like this one.
     #[serde(rename_all = "camelCase")]
     ReportedWrong { similarity: f32 },
+    /// `maxErrorRate`: the bound on P(correct) (or the cache's error budget) does not
+    /// allow serving it.
+    #[serde(rename_all = "camelCase")]
+    NotConfident { lower_bound: f32, required: f32 },
 }
 
 impl Rejection {
@@ -49,6 +53,7 @@ impl Rejection {
             Rejection::EntitiesDiffer { .. } => "entitiesDiffer",
             Rejection::TailDiffers => "tailDiffers",
             Rejection::ReportedWrong { .. } => "reportedWrong",
+            Rejection::NotConfident { .. } => "notConfident",
         }
     }
 }
@@ -294,7 +299,7 @@ impl Signature {
 
     /// Share of words the two prompts have in common (Jaccard), negations aside, so
     /// "the payment did not go through" is an edit of "the payment went through".
-    fn overlap(&self, other: &Signature) -> f32 {
+    pub fn overlap(&self, other: &Signature) -> f32 {
         let plain = |w: &&String| !NEGATIONS.contains(&w.as_str()) && !w.ends_with("n't");
         let shared = self.words.intersection(&other.words).filter(plain).count();
         let all = self.words.union(&other.words).filter(plain).count();

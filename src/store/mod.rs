@@ -197,6 +197,18 @@ pub struct FeedbackRecord {
     pub wrong: Vec<Vec<f32>>,
     /// Embeddings of prompts this entry answered correctly.
     pub confirmed: Vec<Vec<f32>>,
+    /// Labelled lookups for `maxErrorRate` (features and outcome; see `cache::bound`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub observations: Vec<Observation>,
+}
+
+/// One labelled lookup: the features its decision used, and whether serving the
+/// candidate was (or would have been) right.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Observation {
+    pub x: Vec<f32>,
+    #[serde(rename = "c")]
+    pub correct: bool,
 }
 
 /// A cache's own settings; `None` fields fall back to the server's defaults.
@@ -209,6 +221,9 @@ pub struct CacheSettings {
     pub max_bytes: Option<u64>,
     #[serde(default)]
     pub allow_sampled: bool,
+    /// δ for `maxErrorRate`; `None` serves by the similarity threshold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_error_rate: Option<f32>,
 }
 
 /// How a store is opened.

@@ -125,6 +125,14 @@ impl Server {
         req.send().unwrap()
     }
 
+    pub fn put(&self, path: &str, body: &Value) -> reqwest::blocking::Response {
+        client()
+            .put(format!("{}{path}", self.url))
+            .json(body)
+            .send()
+            .unwrap()
+    }
+
     pub fn get(&self, path: &str) -> reqwest::blocking::Response {
         client().get(format!("{}{path}", self.url)).send().unwrap()
     }

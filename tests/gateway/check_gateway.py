@@ -376,8 +376,55 @@ def replicas(args):
         envoy.stop()
 
 
+def metric(semcache, needle):
+    status, _, body = http("GET", f"{semcache}/metrics")
+    for line in body.decode().splitlines():
+        if line.startswith(needle):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def bounded(args):
+    """maxErrorRate on the gateway path: a lookup the cache is not yet sure of goes to the
+    model, and the fresh answer streaming back through semcache labels the candidate."""
+    model = StandIn()
+    semcache = args["http"]
+    host, port = args["ext_proc"].rsplit(":", 1)
+    envoy = Envoy(harness.bootstrap(harness.free_port(), model.port, {"semcache": (host, int(port))},
+                                    [harness.route("/")], harness.ext_proc_filter("semcache")))
+    try:
+        status, _, body = http("PUT", f"{semcache}/v1/caches/default", {"maxErrorRate": 0.1})
+        check(status == 200 and json.loads(body)["settings"]["maxErrorRate"] == 0.1, "maxErrorRate set")
+        envoy.wait_health("semcache", "healthy")
+        client = sdk(envoy)
+        label = lambda kind: metric(semcache, f'semcache_exploration_labels_total{{cache="default",label="{kind}"}}')
+
+        state, _, first, _ = chat(client, "How do I reset my password? [fixed]")
+        check(state == "miss" and model.chat_calls() == 1, "the first request misses")
+        wait_entries(semcache, "default", 1)
+        # A fresh cache has no labels: a close paraphrase is explored, not served.
+        state, _, again, _ = chat(client, "How can I reset my password? [fixed]", stream=True)
+        check(state == "miss" and model.chat_calls() == 2 and again == first,
+              "a paraphrase the cache is not sure of goes to the model (streamed)")
+        deadline = time.time() + 10
+        while label("same") < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        check(label("same") == 1, "the streamed fresh answer, equal to the cached one, labels the entry correct")
+        # A different answer to a near prompt labels its candidate wrong.
+        state, _, other, _ = chat(client, "How would I reset my password?")
+        check(state == "miss" and other != first, "another paraphrase goes to the model, with another answer")
+        deadline = time.time() + 10
+        while label("different") < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        check(label("different") == 1, "a different fresh answer labels its candidate wrong")
+        check(metric(semcache, 'semcache_bounded_decisions_total{cache="default",decision="miss"}') >= 2,
+              "the decisions are counted")
+    finally:
+        envoy.stop()
+
+
 if __name__ == "__main__":
     scenario, params = sys.argv[1], json.loads(sys.argv[2])
     {"single": single, "auth": auth, "fail-open": fail_open, "budget": budget,
-     "replicas": replicas}[scenario](params)
+     "replicas": replicas, "bounded": bounded}[scenario](params)
     print("all checks passed")

@@ -78,6 +78,10 @@ class StandIn:
                 finish = "length" if "[length]" in prompt else "stop"
                 refusal = "I can't help with that." if "[refuse]" in prompt else None
                 answer = f"Answer #{n} from {request.get('model')}: {prompt}"
+                if "[fixed]" in prompt:
+                    # The same answer every time, as a model at temperature 0 gives to
+                    # questions that mean the same.
+                    answer = "Open Settings, then Security, then choose Reset password."
                 usage = {"prompt_tokens": 7, "completion_tokens": 9, "total_tokens": 16}
                 created = int(time.time())
                 cid = f"chatcmpl-{n}"

@@ -225,6 +225,26 @@ fn write_canonical(value: &Value, out: &mut String) {
     }
 }
 
+/// The text of an answer as stored: a chat completion's message contents, else the
+/// stored text itself (LangCache entries store plain answers).
+pub fn answer_text(response: &str) -> std::borrow::Cow<'_, str> {
+    let Ok(Value::Object(completion)) = serde_json::from_str::<Value>(response) else {
+        return response.into();
+    };
+    let Some(Value::Array(choices)) = completion.get("choices") else {
+        return response.into();
+    };
+    let contents: Vec<&str> = choices
+        .iter()
+        .filter_map(|c| c.pointer("/message/content").and_then(Value::as_str))
+        .collect();
+    if contents.is_empty() {
+        response.into()
+    } else {
+        contents.join("\n").into()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

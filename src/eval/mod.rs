@@ -8,6 +8,8 @@
 //! duplicate pairs. The plain-cosine baseline is read off the same run: its hit is the
 //! nearest candidate, whatever the verifier said.
 
+pub mod bound;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
