@@ -62,7 +62,7 @@ fn explorations_labels_and_what_the_cache_learns_from_them() {
     let dir = tmp.path().join("data");
     let cache = "bounded";
     let query = "How would I go about resetting my password?";
-    let (served_by, observations);
+    let (served_by, observations, labels);
     {
         let s = Server::start_in(&dir, &[]);
         // Bad settings are clear 400s naming the field.
@@ -172,6 +172,8 @@ fn explorations_labels_and_what_the_cache_learns_from_them() {
         assert_eq!(seen["id"], served_by.as_str());
         assert_eq!(seen["rejected"]["rule"], "notConfident", "{refused}");
         observations = seen["estimate"]["entryObservations"].as_u64().unwrap();
+        // Two exploration labels, the confirmations and the reports.
+        labels = (2 + taught + reports) as u64;
         assert!(observations >= reports as u64);
         assert!(
             metric(
@@ -188,7 +190,7 @@ fn explorations_labels_and_what_the_cache_learns_from_them() {
     let seen = &body["explain"][0];
     assert_eq!(seen["id"], served_by.as_str());
     assert_eq!(seen["estimate"]["entryObservations"], observations);
-    assert!(seen["estimate"]["cacheObservations"].as_u64().unwrap() > 50);
+    assert_eq!(seen["estimate"]["cacheObservations"], labels, "{body}");
     // Switching the bound off serves by the threshold again.
     let r = s.put(&format!("/v1/caches/{cache}"), &json!({}));
     assert_eq!(r.status(), 200);
