@@ -1,19 +1,60 @@
 //! Our embeddings match sentence-transformers' (tests/fixtures/minilm-reference.json,
 //! copied from the project's shared fixtures): cosine >= 0.9999 for every text, including
-//! the empty string, unicode, and a text truncated at 256 tokens.
+//! the empty string, unicode, and a text truncated at 256 tokens — on every CPU kernel
+//! this machine runs (`SEMCACHE_EMBED_KERNEL`); the others are listed as skipped.
 
 mod common;
 
 use common::Server;
 use serde_json::{json, Value};
 
+const KERNELS: [&str; 5] = ["amx", "avx512-bf16", "avx512", "avx2", "candle"];
+
 #[test]
 fn embeddings_match_sentence_transformers() {
+    let mut checked = Vec::new();
+    for kernel in KERNELS {
+        let s = Server::start_env(&[], &[("SEMCACHE_EMBED_KERNEL", kernel)]);
+        let ready: Value = s.get("/readyz").json().unwrap();
+        // A kernel this CPU or build lacks falls back (and says so in the log).
+        if ready["kernel"] != kernel {
+            eprintln!(
+                "parity: kernel {kernel} skipped here (the server runs {})",
+                ready["kernel"]
+            );
+            continue;
+        }
+        let worst = parity(&s);
+        eprintln!(
+            "parity: kernel {kernel} checked, worst cosine vs sentence-transformers {worst:.6}"
+        );
+        checked.push(kernel);
+    }
+    eprintln!("parity: kernels checked on this machine: {checked:?}");
+    // Every machine runs candle's path; every x86-64 CPU since 2015 the AVX2 one.
+    assert!(checked.contains(&"candle"));
+    #[cfg(target_arch = "x86_64")]
+    assert!(checked.contains(&"avx2"));
+    // Unset, the fastest kernel this CPU runs is chosen.
+    let s = Server::start(&[]);
+    let ready: Value = s.get("/readyz").json().unwrap();
+    let fastest = KERNELS
+        .iter()
+        .find(|k| checked.contains(k))
+        .copied()
+        .unwrap();
+    assert_eq!(ready["kernel"], fastest);
+    // A kernel name we do not know is logged and ignored.
+    let s = Server::start_env(&[], &[("SEMCACHE_EMBED_KERNEL", "turbo")]);
+    let ready: Value = s.get("/readyz").json().unwrap();
+    assert_eq!(ready["kernel"], fastest);
+}
+
+fn parity(s: &Server) -> f64 {
     let fixture: Value =
         serde_json::from_str(include_str!("fixtures/minilm-reference.json")).unwrap();
     let items = fixture["items"].as_array().unwrap();
     assert!(items.len() >= 20);
-    let s = Server::start(&[]);
     let texts: Vec<&str> = items.iter().map(|i| i["text"].as_str().unwrap()).collect();
     let r = s.post("/v1/embeddings", &json!({"input": texts}));
     assert_eq!(r.status(), 200);
@@ -58,5 +99,5 @@ fn embeddings_match_sentence_transformers() {
             .sum();
         assert!(dot >= 0.9999, "single {dot}");
     }
-    eprintln!("worst cosine vs sentence-transformers: {worst:.6}");
+    worst
 }

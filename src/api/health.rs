@@ -28,6 +28,7 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
                     "status": "ready",
                     "model": info.model,
                     "device": info.device,
+                    "kernel": info.kernel,
                     "caches": core.cache_count(),
                 })),
             )

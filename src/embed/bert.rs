@@ -68,6 +68,8 @@ pub struct BertBackend {
     dimensions: usize,
     /// Batches without padding, on the CPU kernels; see [`BertBackend::ragged`].
     ragged: bool,
+    /// The CPU kernel in use (`None` on a GPU).
+    kernel: Option<kernels::Kernel>,
 }
 
 impl BertBackend {
@@ -85,12 +87,18 @@ impl BertBackend {
         let vb =
             unsafe { VarBuilder::from_mmaped_safetensors(&[&files.weights], DType::F32, device) }
                 .map_err(|e| load_error(&e, &files.weights))?;
-        let packing =
-            (device.is_cpu() && kernels::available()).then(kernels::Precision::for_this_cpu);
-        if let Some(precision) = packing {
-            tracing::info!(?precision, "dense layers run on the packed CPU kernels");
+        let kernel = device.is_cpu().then(kernels::Kernel::chosen);
+        if let Some(kernel) = kernel {
+            tracing::info!(
+                kernel = kernel.name(),
+                "dense layers run on this CPU kernel (SEMCACHE_EMBED_KERNEL overrides)"
+            );
         }
-        Self::from_weights(vb, &config, device, packing).map_err(|e| load_error(&e, &files.weights))
+        let packing = kernel.and_then(kernels::Kernel::packing);
+        let mut backend = Self::from_weights(vb, &config, device, packing)
+            .map_err(|e| load_error(&e, &files.weights))?;
+        backend.kernel = kernel;
+        Ok(backend)
     }
 
     /// `packing`: run the dense layers as packed CPU kernels of that precision instead of
@@ -137,7 +145,13 @@ impl BertBackend {
             device: device.clone(),
             dimensions: hidden,
             ragged: packing.is_some(),
+            kernel: None,
         })
+    }
+
+    /// The CPU kernel the dense layers run on, or `"gpu"`.
+    pub fn kernel_name(&self) -> &'static str {
+        self.kernel.map_or("gpu", kernels::Kernel::name)
     }
 
     pub fn dimensions(&self) -> usize {
@@ -543,7 +557,7 @@ mod tests {
         // Both precisions where the CPU runs them (AVX2-only CPUs run f16).
         let precisions = [Precision::F16, Precision::Bf16]
             .into_iter()
-            .filter(|p| *p == Precision::F16 || Precision::for_this_cpu() == Precision::Bf16);
+            .filter(|p| *p == Precision::F16 || kernels::Kernel::Avx512Bf16.runs_here().is_ok());
         for precision in precisions {
             let packed =
                 BertBackend::from_weights(vb(), &config, &Device::Cpu, Some(precision)).unwrap();

@@ -42,17 +42,111 @@ pub enum Precision {
     Bf16,
 }
 
-impl Precision {
-    /// The fastest this CPU runs: bf16 where AVX-512 BF16 is present, unless
-    /// `SEMCACHE_EMBED_BF16=0` asks for f16 weights and f32 products everywhere.
-    pub fn for_this_cpu() -> Self {
-        static CHOSEN: std::sync::OnceLock<Precision> = std::sync::OnceLock::new();
+/// Which code runs the model's dense layers on a CPU: chosen once per process (the
+/// fastest this CPU and build run, as measured per CPU family in BENCHMARKS.md), logged,
+/// and overridable with `SEMCACHE_EMBED_KERNEL`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// AMX-BF16 tiles (Intel Xeon 4th generation on): not in this build yet (issue #20).
+    Amx,
+    /// bf16 dot products on AVX-512 BF16 ([`Precision::Bf16`]).
+    Avx512Bf16,
+    /// AVX-512 f32 micro-kernels (Intel Skylake-SP to Ice Lake): not in this build yet.
+    Avx512,
+    /// f16 weights × f32 on AVX2, FMA and F16C ([`Precision::F16`]).
+    Avx2,
+    /// candle's own CPU matmuls: any CPU.
+    Candle,
+}
+
+impl Kernel {
+    pub const ALL: [Kernel; 5] = [
+        Kernel::Amx,
+        Kernel::Avx512Bf16,
+        Kernel::Avx512,
+        Kernel::Avx2,
+        Kernel::Candle,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Amx => "amx",
+            Kernel::Avx512Bf16 => "avx512-bf16",
+            Kernel::Avx512 => "avx512",
+            Kernel::Avx2 => "avx2",
+            Kernel::Candle => "candle",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name.trim())
+    }
+
+    /// Whether this build has the kernel and this CPU runs it; if not, why.
+    pub fn runs_here(self) -> Result<(), &'static str> {
+        match self {
+            Kernel::Amx => Err("this build has no AMX kernels yet"),
+            Kernel::Avx512 => Err("this build has no AVX-512 f32 kernels yet"),
+            Kernel::Avx512Bf16 if !(available() && bf16_available()) => {
+                Err("this CPU lacks AVX-512 BF16")
+            }
+            Kernel::Avx2 if !available() => Err("this CPU lacks AVX2, FMA or F16C"),
+            _ => Ok(()),
+        }
+    }
+
+    /// How the dense layers are packed for this kernel (`None`: candle's matmuls).
+    pub fn packing(self) -> Option<Precision> {
+        match self {
+            Kernel::Avx512Bf16 => Some(Precision::Bf16),
+            Kernel::Avx2 => Some(Precision::F16),
+            Kernel::Amx | Kernel::Avx512 | Kernel::Candle => None,
+        }
+    }
+
+    /// The fastest kernel this CPU runs (bf16 dot products measured 1.3–1.8× the f16
+    /// path on Zen 4 and Emerald Rapids; the packed f16 path ahead of candle everywhere).
+    fn fastest() -> Self {
+        [Kernel::Avx512Bf16, Kernel::Avx2]
+            .into_iter()
+            .find(|k| k.runs_here().is_ok())
+            .unwrap_or(Kernel::Candle)
+    }
+
+    /// This process's kernel: `SEMCACHE_EMBED_KERNEL` when this CPU runs it (a request it
+    /// cannot honour is logged and the fastest is used), else the fastest;
+    /// `SEMCACHE_EMBED_BF16=0` (older setting) asks for `avx2`.
+    pub fn chosen() -> Self {
+        static CHOSEN: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
         *CHOSEN.get_or_init(|| {
-            let allowed = std::env::var("SEMCACHE_EMBED_BF16").map_or(true, |v| v != "0");
-            if allowed && bf16_available() {
-                Precision::Bf16
-            } else {
-                Precision::F16
+            let fastest = Self::fastest();
+            let asked = std::env::var("SEMCACHE_EMBED_KERNEL").ok().or_else(|| {
+                (std::env::var("SEMCACHE_EMBED_BF16").ok().as_deref() == Some("0"))
+                    .then(|| "avx2".to_string())
+            });
+            let Some(asked) = asked.filter(|a| !a.trim().is_empty()) else {
+                return fastest;
+            };
+            match Self::parse(&asked).map(|k| (k, k.runs_here())) {
+                Some((kernel, Ok(()))) => kernel,
+                Some((kernel, Err(why))) => {
+                    tracing::warn!(
+                        asked = kernel.name(),
+                        why,
+                        using = fastest.name(),
+                        "SEMCACHE_EMBED_KERNEL cannot be honoured here"
+                    );
+                    fastest
+                }
+                None => {
+                    tracing::warn!(
+                        asked = %asked,
+                        valid = "amx, avx512-bf16, avx512, avx2, candle",
+                        using = fastest.name(),
+                        "unknown SEMCACHE_EMBED_KERNEL"
+                    );
+                    fastest
+                }
             }
         })
     }
@@ -181,7 +275,7 @@ impl PackedLinear {
             out_features,
             in_features,
             activation,
-            Precision::for_this_cpu(),
+            Kernel::chosen().packing().unwrap_or(Precision::F16),
         )
     }
 

@@ -159,6 +159,8 @@ pub struct EmbedderInfo {
     pub model: String,
     pub dimensions: usize,
     pub device: String,
+    /// The CPU kernel (`SEMCACHE_EMBED_KERNEL`), or `gpu`.
+    pub kernel: String,
     pub capacity: usize,
     pub workers: usize,
 }
@@ -190,6 +192,7 @@ impl Embedder {
             model: manifest.name.clone(),
             dimensions: manifest.dimensions,
             device: format!("{device:?}"),
+            kernel: backend.kernel_name().to_string(),
             capacity: options.capacity.max(1),
             workers,
         });
