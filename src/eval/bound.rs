@@ -20,16 +20,13 @@ use anyhow::Context;
 use futures::stream::{self, StreamExt};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use super::{LabelledPair, Labels};
+use super::{default_embedder, LabelledPair, Labels, ParaphrasePair};
 use crate::cache::answers_agree_at;
 use crate::cache::bound::{self, Decision, Fit, Observation};
 use crate::cache::verify::{self, Signature, VerifyRules};
-use crate::embed::{
-    manifest::ModelManifest, provision, select_device, DeviceChoice, Embedder, QueueOptions,
-};
+use crate::embed::Embedder;
 use crate::index::dot;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -66,12 +63,6 @@ pub struct BoundArgs {
     pub fit_prior: bool,
     #[arg(long, env = "SEMCACHE_MODEL_DIR")]
     pub model_dir: Option<PathBuf>,
-}
-
-#[derive(Deserialize)]
-struct ParaphrasePair {
-    origin: String,
-    similar: String,
 }
 
 /// Candidates remembered per query (earlier questions, nearest first).
@@ -165,14 +156,7 @@ fn questions(args: &BoundArgs) -> anyhow::Result<(Vec<String>, Vec<usize>)> {
     let text = std::fs::read_to_string(&args.pairs)
         .with_context(|| format!("cannot read {}", args.pairs.display()))?;
     let pairs: Vec<LabelledPair> = serde_json::from_str(&text)?;
-    let mut labels = Labels {
-        parent: HashMap::new(),
-        different: Default::default(),
-        duplicates: 0,
-    };
-    for p in pairs.iter().filter(|p| p.duplicate) {
-        labels.union(&p.a, &p.b);
-    }
+    let labels = Labels::of_duplicates(&pairs);
     let mut chosen: Vec<&LabelledPair> = pairs
         .iter()
         .filter(|p| {
@@ -360,22 +344,11 @@ fn run(stream: &Stream, policy: &Policy, seed: u64, observed: &mut Vec<Observati
 pub fn run_eval(args: BoundArgs) -> anyhow::Result<()> {
     let (texts, group) = questions(&args)?;
     let groups = group.iter().max().map_or(0, |g| g + 1);
-    let manifest = ModelManifest::default_model();
-    let dir = args
-        .model_dir
-        .clone()
-        .unwrap_or_else(provision::default_model_dir);
-    let files = provision::ensure(&manifest, &dir)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let _entered = runtime.enter();
-    let embedder = Embedder::start(
-        &manifest,
-        &files,
-        &select_device(DeviceChoice::Auto)?,
-        QueueOptions::default(),
-    )?;
+    let embedder = default_embedder(args.model_dir.clone())?;
     let cache = dirs_cache().join("eval-vectors");
     let vectors = runtime.block_on(embed_all(&embedder, &texts, &cache))?;
     let answers = match &args.gptcache {

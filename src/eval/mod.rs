@@ -72,6 +72,20 @@ struct Labels {
 }
 
 impl Labels {
+    /// Duplicate groups from the pairs labelled duplicate (no "different" labels yet).
+    fn of_duplicates(pairs: &[LabelledPair]) -> Self {
+        let mut labels = Labels {
+            parent: HashMap::new(),
+            different: HashSet::new(),
+            duplicates: 0,
+        };
+        for p in pairs.iter().filter(|p| p.duplicate) {
+            labels.union(&p.a, &p.b);
+            labels.duplicates += 1;
+        }
+        labels
+    }
+
     fn root(&self, text: &str) -> String {
         let mut t = text.to_string();
         while let Some(p) = self.parent.get(&t) {
@@ -128,15 +142,7 @@ fn load(path: &Path, format: PairsFormat, limit: usize) -> anyhow::Result<Task> 
     } else {
         &pairs[..]
     };
-    let mut labels = Labels {
-        parent: HashMap::new(),
-        different: HashSet::new(),
-        duplicates: 0,
-    };
-    for p in pairs.iter().filter(|p| p.duplicate) {
-        labels.union(&p.a, &p.b);
-        labels.duplicates += 1;
-    }
+    let mut labels = Labels::of_duplicates(pairs);
     if format == PairsFormat::Paraphrases {
         // Every origin is a different question from every other origin.
         labels.different = HashSet::new();
@@ -329,16 +335,22 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn simulate(task: &Task, model_dir: Option<PathBuf>) -> anyhow::Result<Vec<Observed>> {
+/// The default model (fetched if needed) behind the service's batching queue; call
+/// inside a Tokio runtime.
+fn default_embedder(model_dir: Option<PathBuf>) -> anyhow::Result<Embedder> {
     let manifest = ModelManifest::default_model();
     let dir = model_dir.unwrap_or_else(provision::default_model_dir);
     let files = provision::ensure(&manifest, &dir)?;
-    let embedder = Embedder::start(
+    Ok(Embedder::start(
         &manifest,
         &files,
         &select_device(DeviceChoice::Auto)?,
         QueueOptions::default(),
-    )?;
+    )?)
+}
+
+async fn simulate(task: &Task, model_dir: Option<PathBuf>) -> anyhow::Result<Vec<Observed>> {
+    let embedder = default_embedder(model_dir)?;
     let data = tempfile::tempdir()?;
     let store = Store::open(data.path())?;
     let core = Arc::new(CacheService::open(store, embedder, CacheConfig::default())?);

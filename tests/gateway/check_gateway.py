@@ -308,13 +308,18 @@ def fail_open(args):
         envoy.stop()
 
 
-def budget(args):
-    """A lookup over its budget, and a server not yet ready, let the request go on."""
+def one_route(args):
+    """The stand-in model behind an Envoy whose one route calls the semcache in `args`."""
     model = StandIn()
-    semcache = args["http"]
     host, port = args["ext_proc"].rsplit(":", 1)
     envoy = Envoy(harness.bootstrap(harness.free_port(), model.port, {"semcache": (host, int(port))},
                                     [harness.route("/")], harness.ext_proc_filter("semcache")))
+    return model, args["http"], envoy
+
+
+def budget(args):
+    """A lookup over its budget, and a server not yet ready, let the request go on."""
+    model, semcache, envoy = one_route(args)
     try:
         # The cache has an entry from before a restart (so the embedder's pace is not
         # known yet), so a new prompt needs the model: a long one takes far longer to
@@ -391,11 +396,7 @@ def metric(semcache, needle):
 def bounded(args):
     """maxErrorRate on the gateway path: a lookup the cache is not yet sure of goes to the
     model, and the fresh answer streaming back through semcache labels the candidate."""
-    model = StandIn()
-    semcache = args["http"]
-    host, port = args["ext_proc"].rsplit(":", 1)
-    envoy = Envoy(harness.bootstrap(harness.free_port(), model.port, {"semcache": (host, int(port))},
-                                    [harness.route("/")], harness.ext_proc_filter("semcache")))
+    model, semcache, envoy = one_route(args)
     try:
         status, _, body = http("PUT", f"{semcache}/v1/caches/default", {"maxErrorRate": 0.1})
         check(status == 200 and json.loads(body)["settings"]["maxErrorRate"] == 0.1, "maxErrorRate set")
