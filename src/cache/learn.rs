@@ -79,11 +79,7 @@ pub(super) struct Explorations {
 impl Explorations {
     fn remember(&mut self, key: PendingKey, pending: Pending) {
         while self.order.len() >= MAX_PENDING {
-            if let Some((old, at)) = self.order.pop_front() {
-                if self.waiting.get(&old).is_some_and(|p| p.at == at) {
-                    self.waiting.remove(&old);
-                }
-            }
+            self.drop_oldest();
         }
         self.order.push_back((key.clone(), pending.at));
         self.waiting.insert(key, pending);
@@ -91,17 +87,23 @@ impl Explorations {
 
     fn take(&mut self, key: &PendingKey) -> Option<Pending> {
         let now = Instant::now();
-        while let Some((_, at)) = self.order.front() {
-            if now.duration_since(*at) < PENDING_TTL {
-                break;
-            }
-            if let Some((old, at)) = self.order.pop_front() {
-                if self.waiting.get(&old).is_some_and(|p| p.at == at) {
-                    self.waiting.remove(&old);
-                }
-            }
+        while self
+            .order
+            .front()
+            .is_some_and(|(_, at)| now.duration_since(*at) >= PENDING_TTL)
+        {
+            self.drop_oldest();
         }
         self.waiting.remove(key)
+    }
+
+    /// Forgets the oldest exploration, unless its prompt was explored again since.
+    fn drop_oldest(&mut self) {
+        if let Some((old, at)) = self.order.pop_front() {
+            if self.waiting.get(&old).is_some_and(|p| p.at == at) {
+                self.waiting.remove(&old);
+            }
+        }
     }
 }
 
@@ -153,6 +155,14 @@ pub fn answers_agree_at(cached: &str, fresh: &str, cosine: f32, level: f32) -> b
             .is_ok())
 }
 
+/// Appends an observation to an entry's record, dropping the oldest past the cap.
+pub(super) fn push(record: &mut FeedbackRecord, observation: Observation) {
+    record.observations.push(observation);
+    if record.observations.len() > bound::MAX_PER_ENTRY {
+        record.observations.remove(0);
+    }
+}
+
 /// Adds a labelled observation to an entry's record; durable on return.
 async fn record(
     store: &Store,
@@ -163,50 +173,39 @@ async fn record(
 ) -> Result<(), crate::store::StoreError> {
     let _one = state.learner.writes.lock().await;
     let generation = state.generation();
-    let Some(mut record) = generation.read().feedback_of(id).map(|f| (*f).clone()) else {
-        if generation.read().slot_of(id).is_none() {
-            return Ok(()); // evicted meanwhile
-        }
-        return write(store, state, &generation, cache_id, id, {
-            let mut r = FeedbackRecord::default();
-            r.observations.push(observation);
-            r
-        })
-        .await;
-    };
-    record.observations.push(observation);
-    if record.observations.len() > bound::MAX_PER_ENTRY {
-        record.observations.remove(0);
+    if generation.read().slot_of(id).is_none() {
+        return Ok(()); // evicted meanwhile
     }
-    write(store, state, &generation, cache_id, id, record).await
-}
-
-async fn write(
-    store: &Store,
-    state: &CacheState,
-    generation: &Generation,
-    cache_id: &str,
-    id: &EntryId,
-    record: FeedbackRecord,
-) -> Result<(), crate::store::StoreError> {
+    let mut record: FeedbackRecord = generation
+        .read()
+        .feedback_of(id)
+        .map(|f| (*f).clone())
+        .unwrap_or_default();
+    push(&mut record, observation);
     store.put_feedback(cache_id, id, &record)?;
     store.flush().await?;
     generation.write().set_feedback(id, Arc::new(record));
-    let labels = state.learner.since_fit.fetch_add(1, Ordering::Relaxed) + 1;
-    // Refit once the labels since the last fit are a twentieth of those it used.
-    if labels >= (state.learner.fit().observations() / 20).max(16) {
-        // Copied out under the table's lock, fitted off the runtime's threads (38 ms
-        // for 100,000 labels, benches/bound.rs): inserts never wait for a fit.
-        let observations: Vec<Observation> = generation
-            .read()
-            .feedback_records()
-            .flat_map(|r| r.observations.iter().cloned())
-            .collect();
-        if let Ok(fit) = tokio::task::spawn_blocking(move || Fit::new(observations.iter())).await {
-            state.learner.set_fit(fit);
-        }
-    }
+    refit_if_due(state, &generation).await;
     Ok(())
+}
+
+/// Counts a new label; once the labels since the last fit are a twentieth of those it
+/// used, refits the cache-wide curve.
+pub(super) async fn refit_if_due(state: &CacheState, generation: &Generation) {
+    let labels = state.learner.since_fit.fetch_add(1, Ordering::Relaxed) + 1;
+    if labels < (state.learner.fit().observations() / 20).max(16) {
+        return;
+    }
+    // Copied out under the table's lock, fitted off the runtime's threads (38 ms for
+    // 100,000 labels, benches/bound.rs): inserts never wait for a fit.
+    let observations: Vec<Observation> = generation
+        .read()
+        .feedback_records()
+        .flat_map(|r| r.observations.iter().cloned())
+        .collect();
+    if let Ok(fit) = tokio::task::spawn_blocking(move || Fit::new(observations.iter())).await {
+        state.learner.set_fit(fit);
+    }
 }
 
 impl CacheService {
@@ -266,29 +265,24 @@ impl CacheService {
                 );
             outcome.explore = Some(entry.id);
         }
+        let served = decision == Decision::Serve;
+        if served {
+            self.serve(outcome, query, entry, similarity, Strategy::Semantic);
+        } else if query.explain {
+            let rejected = Rejection::NotConfident {
+                lower_bound: estimate.lower_bound,
+                required: 1.0 - max_error_rate,
+            };
+            outcome
+                .considered
+                .push(Considered::rejected(entry, similarity, rejected));
+        }
         if query.explain {
-            outcome.considered.push(Considered {
-                id: entry.id.to_string(),
-                prompt: entry.prompt.clone(),
-                similarity: similarity.clamp(0.0, 1.0),
-                strategy: Strategy::Semantic,
-                served: decision == Decision::Serve,
-                rejected: (decision != Decision::Serve).then_some(Rejection::NotConfident {
-                    lower_bound: estimate.lower_bound,
-                    required: 1.0 - max_error_rate,
-                }),
-                estimate: Some(Explained { estimate, decision }),
-            });
+            if let Some(considered) = outcome.considered.last_mut() {
+                considered.estimate = Some(Explained { estimate, decision });
+            }
         }
-        if decision == Decision::Serve {
-            outcome.hits.push(super::Hit {
-                entry,
-                similarity: similarity.clamp(0.0, 1.0),
-                strategy: Strategy::Semantic,
-            });
-            return true;
-        }
-        false
+        served
     }
 
     /// After an insert: if the prompt was an exploration, compare its answer with the
@@ -333,26 +327,24 @@ impl CacheService {
     }
 
     /// A `/feedback` report as an observation: the prompt's features against the entry.
-    pub(super) async fn observe_feedback(
+    pub(super) fn feedback_observation(
         &self,
         cache_id: &str,
-        state: &CacheState,
+        generation: &Generation,
         id: &EntryId,
         prompt: &str,
         vector: &[f32],
         correct: bool,
-    ) -> Result<(), super::CacheError> {
-        let generation = state.generation();
-        let Some(entry) = self.store.get(cache_id, id)? else {
+    ) -> Result<Observation, super::CacheError> {
+        let (Some(entry), Some(own)) = (
+            self.store.get(cache_id, id)?,
+            self.store.get_vector(cache_id, id)?,
+        ) else {
             return Err(super::CacheError::NotFound);
         };
-        let Some(own) = self.store.get_vector(cache_id, id)? else {
-            return Err(super::CacheError::NotFound);
-        };
-        let similarity = dot(vector, &own);
         let near = self.nearest(
             cache_id,
-            &generation,
+            generation,
             vector,
             &entry.attributes,
             3,
@@ -364,19 +356,11 @@ impl CacheService {
             .find(|(s, _)| Some(*s) != slot)
             .map(|(_, sim)| *sim);
         let x = bound::features(
-            similarity,
+            dot(vector, &own),
             runner_up,
             Signature::of(prompt).overlap(&Signature::of(&entry.prompt)),
         );
-        record(
-            &self.store,
-            state,
-            cache_id,
-            id,
-            Observation::new(x, correct),
-        )
-        .await?;
-        Ok(())
+        Ok(Observation::new(x, correct))
     }
 }
 

@@ -1027,12 +1027,12 @@ impl CacheService {
                 )
                 .err()
             };
-            match rejection {
+            match (rejection, bounded.filter(|_| !confirmed)) {
                 // With `maxErrorRate`, the nearest candidate the rules pass is decided by
-                // the learned bound, and nothing further is considered.
-                None if bounded.is_some() && !confirmed => {
+                // the learned bound (unless feedback confirmed it), and nothing further is
+                // considered.
+                (None, Some(delta)) => {
                     let runner_up = candidates.get(at + 1).map(|c| c.1);
-                    let delta = bounded.unwrap_or(1.0);
                     if self.decide_bounded(
                         cache_id, state, generation, query, &query_sig, entry, similarity,
                         runner_up, delta, outcome,
@@ -1041,11 +1041,11 @@ impl CacheService {
                     }
                     break;
                 }
-                None => {
+                (None, None) => {
                     served.push(slot);
                     self.serve(outcome, query, entry, similarity, Strategy::Semantic);
                 }
-                Some(rejected) => {
+                (Some(rejected), _) => {
                     if query.explain {
                         outcome
                             .considered
@@ -1142,8 +1142,8 @@ impl CacheService {
         };
         let vector = self.embedder.embed(prompt.clone()).await?.vector;
         let _gate = state.gate.read().await;
-        self.observe_feedback(cache_id, &state, id, &prompt, &vector, correct)
-            .await?;
+        let observation =
+            self.feedback_observation(cache_id, &generation, id, &prompt, &vector, correct)?;
         let _one = state.learner.write_turn().await;
         let mut record: FeedbackRecord = generation
             .read()
@@ -1166,9 +1166,11 @@ impl CacheService {
         if examples.len() > MAX_FEEDBACK_EXAMPLES {
             examples.remove(0);
         }
+        learn::push(&mut record, observation);
         self.store.put_feedback(cache_id, id, &record)?;
         self.store.flush().await?;
         generation.write().set_feedback(id, Arc::new(record));
+        learn::refit_if_due(&state, &generation).await;
         Ok(())
     }
 

@@ -59,13 +59,18 @@ pub struct ModelFiles {
 /// Default model directory: `$SEMCACHE_MODEL_DIR`, else `$XDG_CACHE_HOME/semcache/models`,
 /// else `~/.cache/semcache/models` — outside any build directory, shared by tests and CI.
 pub fn default_model_dir() -> PathBuf {
+    cache_root().join("models")
+}
+
+/// `$XDG_CACHE_HOME/semcache`, else `~/.cache/semcache`, else `./.semcache`.
+pub fn cache_root() -> PathBuf {
     if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir).join("semcache/models");
+        return PathBuf::from(dir).join("semcache");
     }
     if let Some(home) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
-        return PathBuf::from(home).join(".cache/semcache/models");
+        return PathBuf::from(home).join(".cache/semcache");
     }
-    PathBuf::from(".semcache/models")
+    PathBuf::from(".semcache")
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ProvisionError + '_ {

@@ -349,7 +349,7 @@ pub fn run_eval(args: BoundArgs) -> anyhow::Result<()> {
         .build()?;
     let _entered = runtime.enter();
     let embedder = default_embedder(args.model_dir.clone())?;
-    let cache = dirs_cache().join("eval-vectors");
+    let cache = crate::embed::provision::cache_root().join("eval-vectors");
     let vectors = runtime.block_on(embed_all(&embedder, &texts, &cache))?;
     let answers = match &args.gptcache {
         Some(path) => {
@@ -538,11 +538,4 @@ fn report_answer_noise(texts: &[String], vectors: &[Vec<f32>]) {
             share(confused_rules)
         );
     }
-}
-
-fn dirs_cache() -> PathBuf {
-    std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir)
-        .join(".cache/semcache")
 }
