@@ -17,6 +17,7 @@ pub mod index;
 pub mod metrics;
 pub mod server;
 pub mod store;
+pub mod vectors;
 
 /// One allocator for the server and for the tests and in-process benches that measure it.
 /// mimalloc over glibc's malloc, measured restarting 1,000,000 entries (BENCHMARKS.md):

@@ -11,21 +11,21 @@ pub mod evict;
 mod learn;
 mod normalize;
 mod recent;
-mod saved;
 pub mod stats;
 mod table;
 pub mod verify;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::embed::{EmbedError, Embedded, Embedder};
-use crate::index::{dot, IndexError, IndexParams, VectorIndex};
+use crate::index::{dot, IndexError, IndexParams};
 use crate::metrics::metrics;
 use crate::store::{CacheSettings, EntryId, EntryRecord, FeedbackRecord, Store, StoreError};
+pub use crate::vectors::SaveWhen;
+use crate::vectors::{self, on_every_core, IndexedSet};
 
 use evict::Policy;
 pub use learn::answers_agree_at;
@@ -195,39 +195,19 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// A loaded graph's generation, and its slots waiting for their entries by id.
-type SavedGraph = (Generation, HashMap<EntryId, usize>);
-
 /// One consistent view of a cache: slot table and index always change together.
-struct Generation {
-    /// Tells generations apart, so a saved index knows whether it is of this one.
-    serial: u64,
-    index: VectorIndex,
-    table: RwLock<SlotTable>,
-}
-
-/// Which caches [`CacheService::save_indexes`] saves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SaveWhen {
-    /// Every cache with a point the last save lacks (at shutdown).
-    Changed,
-    /// Caches that grew by a tenth (at least 1,000 points) or were rebuilt since their
-    /// last save (background upkeep: a save holds the cache's writers off meanwhile).
-    Stale,
-}
+type Generation = vectors::Generation<SlotTable>;
+type SavedGraph = vectors::SavedGraph<SlotTable>;
 
 struct CacheState {
-    /// Inserts hold it shared; flush and delete-by-attributes hold it exclusively, so
-    /// no insert can land half in a generation that is being replaced.
-    gate: tokio::sync::RwLock<()>,
-    current: RwLock<Arc<Generation>>,
+    /// The index and slot table, with the gate inserts hold shared and swaps (flush,
+    /// delete-by-attributes, rebuild, save) exclusively.
+    set: IndexedSet<SlotTable>,
     settings: RwLock<CacheSettings>,
     stats: Stats,
     /// Held while an entry is made visible and the cache brought back within its
     /// limits, so the live count never exceeds them, even for a moment.
     capacity: Mutex<()>,
-    /// Generation serial and slot count of the last saved index.
-    saved: Mutex<Option<(u64, usize)>>,
     learner: learn::Learner,
 }
 
@@ -342,16 +322,13 @@ impl CacheService {
             if let Some(generation) = generation {
                 if generation.read().live() == 0 {
                     if let Some(root) = &service.config.index_save_dir {
-                        saved::remove(root, &cache_id);
+                        vectors::saved::remove(root, &cache_id);
                     }
                 } else {
-                    let state = service.state_or_create(&cache_id);
-                    let slots = generation.read().slot_count();
-                    // An outdated save counts as none, so upkeep replaces it soon.
-                    let outdated = generation.index.loaded_from_outdated_save();
-                    *state.saved.lock().unwrap_or_else(|p| p.into_inner()) =
-                        (!outdated).then_some((generation.serial, slots));
-                    state.replace(generation);
+                    service
+                        .state_or_create(&cache_id)
+                        .set
+                        .adopt_loaded(generation);
                 }
             }
             if !unsaved_slots.is_empty() {
@@ -468,37 +445,13 @@ impl CacheService {
     /// entries (matched by id after the store is scanned). Unusable saves are removed
     /// and their caches rebuilt from the store.
     fn load_saved_indexes(&self) -> HashMap<String, SavedGraph> {
-        let mut graphs = HashMap::new();
-        let Some(root) = &self.config.index_save_dir else {
-            return graphs;
-        };
-        let dimensions = self.dimensions();
-        let loaded = on_every_core(saved::saved_caches(root), |cache_id| {
-            let found = saved::load(root, &cache_id, dimensions, self.config.index);
-            (cache_id, found)
-        });
-        for (cache_id, found) in loaded {
-            match found {
-                Ok(Some(found)) => {
-                    let waiting: HashMap<EntryId, usize> = found
-                        .slots
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, (_, alive))| *alive)
-                        .map(|(n, (id, _))| (*id, n))
-                        .collect();
-                    let generation = Generation::with_index(found.index);
-                    generation.write().reserve_tombstones(found.slots.len());
-                    graphs.insert(cache_id, (generation, waiting));
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(cache = %cache_id, error = %e, "saved index unusable; rebuilding it from the store");
-                    saved::remove(root, &cache_id);
-                }
+        match &self.config.index_save_dir {
+            Some(root) => {
+                let dimensions = self.dimensions();
+                vectors::load_saved(root, self.config.index, |_| Some(dimensions))
             }
+            None => HashMap::new(),
         }
-        graphs
     }
 
     /// Saves the HNSW graphs of the caches `when` selects, so the next start loads them
@@ -509,45 +462,8 @@ impl CacheService {
         };
         let mut saved_count = 0;
         for (cache_id, state) in self.all_states() {
-            let last = *state.saved.lock().unwrap_or_else(|p| p.into_inner());
-            let stale = |generation: &Generation| {
-                let slots = generation.read().slot_count();
-                match (last, when) {
-                    _ if slots == 0 => false,
-                    (None, _) => true,
-                    (Some((serial, _)), _) if serial != generation.serial => true,
-                    (Some((_, saved)), SaveWhen::Changed) => slots != saved,
-                    (Some((_, saved)), SaveWhen::Stale) => slots >= saved + (saved / 10).max(1000),
-                }
-            };
-            if !stale(&state.generation()) {
-                continue;
-            }
-            let _gate = state.gate.write().await;
-            let generation = state.generation();
-            let slots = generation.read().slot_entries();
-            let started = Instant::now();
-            let (root, id, saving) = (root.clone(), cache_id.clone(), generation.clone());
-            let result =
-                tokio::task::spawn_blocking(move || saved::save(&root, &id, &saving.index, &slots))
-                    .await;
-            match result {
-                Ok(Ok(())) => {
-                    let slots = generation.read().slot_count();
-                    *state.saved.lock().unwrap_or_else(|p| p.into_inner()) =
-                        Some((generation.serial, slots));
-                    saved_count += 1;
-                    metrics().index_saves.with_label_values(&["ok"]).inc();
-                    tracing::info!(cache = %cache_id, points = slots, millis = started.elapsed().as_millis() as u64, "index saved");
-                }
-                Ok(Err(e)) => {
-                    metrics().index_saves.with_label_values(&["failed"]).inc();
-                    tracing::warn!(cache = %cache_id, error = %e, "index not saved");
-                }
-                Err(e) => {
-                    metrics().index_saves.with_label_values(&["failed"]).inc();
-                    tracing::warn!(cache = %cache_id, error = %e, "index save task failed");
-                }
+            if state.set.save_if_stale(&root, &cache_id, when).await {
+                saved_count += 1;
             }
         }
         Ok(saved_count)
@@ -607,7 +523,7 @@ impl CacheService {
         *state.settings_mut() = settings;
         // Lowered limits take effect now, not at the next insert.
         let evicted = {
-            let _gate = state.gate.read().await;
+            let _gate = state.set.gate.read().await;
             let _turn = state.capacity.lock().unwrap_or_else(|p| p.into_inner());
             self.evict_to_fit(cache_id, &state, &state.generation(), 0)?
         };
@@ -656,7 +572,7 @@ impl CacheService {
             created_at_ms: now,
             expires_at_ms: ttl.map(|t| now.saturating_add(t)),
         };
-        let _gate = state.gate.read().await;
+        let _gate = state.set.gate.read().await;
         self.store.insert(&record, &embedded.vector)?;
         self.store.flush().await?;
         let generation = state.generation();
@@ -1141,7 +1057,7 @@ impl CacheService {
                 .ok_or(CacheError::NoRecentQuery)?,
         };
         let vector = self.embedder.embed(prompt.clone()).await?.vector;
-        let _gate = state.gate.read().await;
+        let _gate = state.set.gate.read().await;
         let observation =
             self.feedback_observation(cache_id, &generation, id, &prompt, &vector, correct)?;
         let _one = state.learner.write_turn().await;
@@ -1176,7 +1092,7 @@ impl CacheService {
 
     pub async fn delete(&self, cache_id: &str, id: &EntryId) -> Result<(), CacheError> {
         let state = self.state(cache_id).ok_or(CacheError::NotFound)?;
-        let _gate = state.gate.read().await;
+        let _gate = state.set.gate.read().await;
         let removed = self.store.remove(cache_id, &[*id])?;
         state.generation().write().kill_entry(id);
         if removed == 0 {
@@ -1198,7 +1114,7 @@ impl CacheService {
         let Some(state) = self.state(cache_id) else {
             return Ok(0);
         };
-        let _gate = state.gate.write().await;
+        let _gate = state.set.gate.write().await;
         let removed = self.remove_matching(cache_id, &state, attributes, None, Reason::Deleted)?;
         self.store.flush().await?;
         Ok(removed)
@@ -1242,7 +1158,7 @@ impl CacheService {
             return Ok((0, 0));
         };
         let created_before = older_than_ms.map(|age| now_ms().saturating_sub(age));
-        let _gate = state.gate.write().await;
+        let _gate = state.set.gate.write().await;
         let matched = state
             .generation()
             .read()
@@ -1262,11 +1178,11 @@ impl CacheService {
         let Some(state) = self.state(cache_id) else {
             return Ok(0);
         };
-        let _gate = state.gate.write().await;
+        let _gate = state.set.gate.write().await;
         let removed = self.store.remove_cache(cache_id)?;
-        state.replace(Generation::new(self.dimensions(), &self.config));
+        state.replace(Generation::new(self.dimensions(), self.config.index));
         if let Some(root) = &self.config.index_save_dir {
-            saved::remove(root, cache_id);
+            vectors::saved::remove(root, cache_id);
         }
         self.store.flush().await?;
         state.stats.evicted(Reason::Flushed, removed as u64);
@@ -1283,7 +1199,7 @@ impl CacheService {
             if state.generation().read().expired_ids(now).is_empty() {
                 continue;
             }
-            let _gate = state.gate.write().await;
+            let _gate = state.set.gate.write().await;
             let generation = state.generation();
             let expired = generation.read().expired_ids(now);
             total += self.store.remove(&cache_id, &expired)?;
@@ -1311,12 +1227,7 @@ impl CacheService {
             tracing::info!(removed = swept, "expired entries swept");
         }
         for (cache_id, state) in self.all_states() {
-            let (live, tombstones) = {
-                let generation = state.generation();
-                let t = generation.read();
-                (t.live(), t.tombstones())
-            };
-            if tombstones >= 1024 && tombstones > live {
+            if state.set.needs_rebuild() {
                 let removed = self.rebuild(&cache_id).await?;
                 tracing::info!(cache = %cache_id, tombstones = removed, "index rebuilt");
             }
@@ -1341,9 +1252,7 @@ impl CacheService {
         let Some(state) = self.state(cache_id) else {
             return Ok(0);
         };
-        let snapshot: Vec<EntryId> = state.generation().read().live_ids();
-        let fresh = Generation::new(self.dimensions(), &self.config);
-        let load = |fresh: &Generation, id: &EntryId| -> Result<(), CacheError> {
+        let load = |fresh: &Generation, _: &SlotTable, id: &EntryId| -> Result<(), CacheError> {
             if let (Some(record), Some(vector)) = (
                 self.store.get(cache_id, id)?,
                 self.store.get_vector(cache_id, id)?,
@@ -1352,37 +1261,20 @@ impl CacheService {
             }
             Ok(())
         };
-        // The slow part, blocking no one.
-        for id in &snapshot {
-            load(&fresh, id)?;
-        }
-        // Catch up with what changed meanwhile, then swap, with writers held off.
-        let _gate = state.gate.write().await;
-        let old = state.generation();
-        let (now_live, tombstones) = {
-            let t = old.read();
-            (t.live_ids(), t.tombstones())
-        };
-        let now_set: HashSet<EntryId> = now_live.iter().copied().collect();
-        let had: HashSet<EntryId> = snapshot.iter().copied().collect();
-        for id in now_live.iter().filter(|id| !had.contains(id)) {
-            load(&fresh, id)?;
-        }
-        {
-            let mut table = fresh.write();
-            for id in had.iter().filter(|id| !now_set.contains(id)) {
-                table.kill_entry(id);
-            }
-            let old_table = old.read();
-            for id in &now_live {
-                if let Some(f) = old_table.feedback_of(id) {
+        // Feedback lives in the old table only (and the store); carry it over.
+        let carry = |table: &mut SlotTable, old: &SlotTable, live: &[EntryId]| {
+            for id in live {
+                if let Some(f) = old.feedback_of(id) {
                     table.set_feedback(id, f);
                 }
             }
-        }
-        state.replace(fresh);
+        };
+        let removed = state
+            .set
+            .rebuild(self.dimensions(), self.config.index, load, carry)
+            .await?;
         self.publish_gauges(cache_id, &state);
-        Ok(tombstones)
+        Ok(removed)
     }
 }
 
@@ -1400,25 +1292,20 @@ fn snapshot(state: &CacheState) -> StatsSnapshot {
 impl CacheState {
     fn new(dimensions: usize, config: &CacheConfig) -> Self {
         Self {
-            gate: tokio::sync::RwLock::new(()),
-            current: RwLock::new(Arc::new(Generation::new(dimensions, config))),
+            set: IndexedSet::new(dimensions, config.index),
             settings: RwLock::new(CacheSettings::default()),
             stats: Stats::default(),
             capacity: Mutex::new(()),
-            saved: Mutex::new(None),
             learner: learn::Learner::default(),
         }
     }
 
     fn generation(&self) -> Arc<Generation> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.set.generation()
     }
 
     fn replace(&self, generation: Generation) {
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(generation);
+        self.set.replace(generation)
     }
 
     fn settings(&self) -> std::sync::RwLockReadGuard<'_, CacheSettings> {
@@ -1428,54 +1315,6 @@ impl CacheState {
     fn settings_mut(&self) -> std::sync::RwLockWriteGuard<'_, CacheSettings> {
         self.settings.write().unwrap_or_else(|p| p.into_inner())
     }
-}
-
-impl Generation {
-    fn new(dimensions: usize, config: &CacheConfig) -> Self {
-        Self::with_index(VectorIndex::new(dimensions, 0, config.index))
-    }
-
-    fn with_index(index: VectorIndex) -> Self {
-        static SERIALS: AtomicU64 = AtomicU64::new(1);
-        Self {
-            serial: SERIALS.fetch_add(1, Ordering::Relaxed),
-            index,
-            table: RwLock::new(SlotTable::default()),
-        }
-    }
-
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, SlotTable> {
-        self.table.read().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, SlotTable> {
-        self.table.write().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// Runs `work` on every item, spread over a thread per core (start-up work that is
-/// independent per cache: loading saved graphs, re-inserting vectors).
-fn on_every_core<T: Send, R: Send>(items: Vec<T>, work: impl Fn(T) -> R + Sync) -> Vec<R> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let queue = Mutex::new(items);
-    let next = || queue.lock().unwrap_or_else(|p| p.into_inner()).pop();
-    std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut done = Vec::new();
-                    while let Some(item) = next() {
-                        done.push(work(item));
-                    }
-                    done
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect()
-    })
 }
 
 /// Adds an entry to a generation: reserve a slot, index it, then make it visible.

@@ -345,3 +345,27 @@ impl SlotTable {
             .collect()
     }
 }
+
+impl crate::vectors::SlotMap for SlotTable {
+    fn live(&self) -> usize {
+        SlotTable::live(self)
+    }
+    fn tombstones(&self) -> usize {
+        SlotTable::tombstones(self)
+    }
+    fn slot_count(&self) -> usize {
+        SlotTable::slot_count(self)
+    }
+    fn slot_entries(&self) -> Vec<(EntryId, bool)> {
+        SlotTable::slot_entries(self)
+    }
+    fn live_ids(&self) -> Vec<EntryId> {
+        SlotTable::live_ids(self)
+    }
+    fn reserve_tombstones(&mut self, n: usize) {
+        SlotTable::reserve_tombstones(self, n)
+    }
+    fn kill_entry(&mut self, id: &EntryId) {
+        SlotTable::kill_entry(self, id)
+    }
+}

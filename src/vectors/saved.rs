@@ -1,4 +1,4 @@
-//! Saved indexes: each cache's HNSW graph together with its slot → entry map, so that a
+//! Saved indexes: each named set's HNSW graph (a cache or a collection) with its slot → entry map, so that a
 //! restart loads the graph instead of re-inserting every vector.
 //!
 //! A saved index is only ever a shortcut; the store stays the source of truth. Every
