@@ -1,6 +1,7 @@
 //! API keys, shared by both edges (HTTP `Authorization: Bearer <key>`, and the same in
-//! an ext_proc stream's gRPC metadata): each key with a role and optionally a list of
-//! caches it may touch.
+//! an ext_proc stream's gRPC metadata; `api-key: <key>` on the Qdrant routes, as Qdrant's
+//! clients send it): each key with a role and optionally the caches and collections it
+//! may touch.
 //!
 //! Keys are kept only as SHA-256 digests and compared in constant time; they are never
 //! logged. The key file may hold plain keys (`"key"`) or their digests (`"keySha256"`),
@@ -29,6 +30,9 @@ struct KeyEntry {
     key_sha256: Option<String>,
     role: Role,
     caches: Option<Vec<String>>,
+    /// Vector-search collections the key may touch (absent: none if `caches` is
+    /// given, all otherwise).
+    collections: Option<Vec<String>>,
 }
 
 /// A key the ring knows: what its holder may do.
@@ -37,17 +41,31 @@ pub struct Key {
     digest: [u8; 32],
     pub role: Role,
     caches: Option<HashSet<String>>,
+    collections: Option<HashSet<String>>,
 }
 
 impl Key {
-    /// Whether the key may touch this cache (an unscoped key touches every cache).
+    /// Whether the key may touch this cache. A key scoped to collections only touches
+    /// no cache; an unscoped key touches every one.
     pub fn permits_cache(&self, cache: &str) -> bool {
-        self.caches.as_ref().is_none_or(|c| c.contains(cache))
+        match &self.caches {
+            Some(c) => c.contains(cache),
+            None => self.collections.is_none(),
+        }
     }
 
-    /// Whether the key is limited to a list of caches.
+    /// Whether the key may touch this collection. A key scoped to caches only touches
+    /// no collection; an unscoped key touches every one.
+    pub fn permits_collection(&self, collection: &str) -> bool {
+        match &self.collections {
+            Some(c) => c.contains(collection),
+            None => self.caches.is_none(),
+        }
+    }
+
+    /// Whether the key is limited to a list of caches or collections.
     pub fn scoped(&self) -> bool {
-        self.caches.is_some()
+        self.caches.is_some() || self.collections.is_some()
     }
 }
 
@@ -114,6 +132,7 @@ fn parse(path: &Path) -> Result<Vec<Key>, KeyFileError> {
                 digest,
                 role: e.role,
                 caches: e.caches.map(|c| c.into_iter().collect()),
+                collections: e.collections.map(|c| c.into_iter().collect()),
             })
         })
         .collect()

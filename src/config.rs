@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::api::Limits;
 use crate::cache::CacheConfig;
+use crate::collections::CollectionConfig;
 use crate::embed::{DeviceChoice, QueueOptions};
 use crate::index::IndexParams;
 
@@ -137,6 +138,22 @@ pub struct ServeArgs {
     /// Largest request body accepted (413 beyond).
     #[arg(long, env = "SEMCACHE_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Largest request body on the Qdrant-compatible collection routes (413 beyond).
+    #[arg(long, env = "SEMCACHE_MAX_COLLECTION_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub max_collection_body_bytes: usize,
+    /// Most points in one collection write (upsert, delete or payload update by ids).
+    #[arg(
+        long,
+        env = "SEMCACHE_MAX_POINTS_PER_REQUEST",
+        default_value_t = 10_000
+    )]
+    pub max_points_per_request: usize,
+    /// Largest payload of one point, in bytes of JSON.
+    #[arg(long, env = "SEMCACHE_MAX_PAYLOAD_BYTES", default_value_t = 64 * 1024)]
+    pub max_payload_bytes: usize,
+    /// Most collections.
+    #[arg(long, env = "SEMCACHE_MAX_COLLECTIONS", default_value_t = 1000)]
+    pub max_collections: usize,
     /// Largest prompt accepted, in bytes (400 beyond).
     #[arg(long, env = "SEMCACHE_MAX_PROMPT_BYTES", default_value_t = 32 * 1024)]
     pub max_prompt_bytes: usize,
@@ -216,6 +233,7 @@ impl ServeArgs {
             max_body_bytes: self.max_body_bytes,
             max_prompt_bytes: self.max_prompt_bytes,
             max_response_bytes: self.max_response_bytes,
+            max_collection_body_bytes: self.max_collection_body_bytes,
             request_timeout: std::time::Duration::from_millis(self.request_timeout_millis.max(1)),
             ..Limits::default()
         }
@@ -253,6 +271,20 @@ impl ServeArgs {
             max_bytes: self.max_bytes,
             index_save_dir: (!self.no_saved_indexes).then(|| self.data_dir.join("indexes")),
             ..CacheConfig::default()
+        }
+    }
+
+    pub fn collection_config(&self) -> CollectionConfig {
+        CollectionConfig {
+            index: IndexParams {
+                ef_search: self.hnsw_ef_search.max(1),
+                ..IndexParams::default()
+            },
+            save_dir: (!self.no_saved_indexes).then(|| self.data_dir.join("indexes/collections")),
+            max_collections: self.max_collections,
+            max_batch: self.max_points_per_request.max(1),
+            max_payload_bytes: self.max_payload_bytes,
+            ..CollectionConfig::default()
         }
     }
 

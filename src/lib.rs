@@ -9,6 +9,7 @@ pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod cache;
+pub mod collections;
 pub mod config;
 pub mod embed;
 pub mod eval;

@@ -38,6 +38,10 @@ pub struct Metrics {
     pub ext_proc_requests: IntCounterVec,
     pub ext_proc_stores: IntCounterVec,
     pub ext_proc_lookup_duration: Histogram,
+    pub collection_points: IntGaugeVec,
+    pub collection_bytes: IntGaugeVec,
+    pub collection_writes: IntCounterVec,
+    pub collection_query_duration: Histogram,
     labels: Mutex<HashSet<String>>,
 }
 
@@ -177,6 +181,40 @@ fn build() -> Result<Metrics, prometheus::Error> {
             0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
         ]),
     )?;
+    let collection_points = IntGaugeVec::new(
+        Opts::new(
+            "semcache_collection_points",
+            "Live points per vector-search collection (label shared with caches' limit)",
+        ),
+        &["collection"],
+    )?;
+    let collection_bytes = IntGaugeVec::new(
+        Opts::new(
+            "semcache_collection_bytes",
+            "Estimated memory of each collection: vectors (f16 in the graph), links and payloads",
+        ),
+        &["collection"],
+    )?;
+    let collection_writes = IntCounterVec::new(
+        Opts::new(
+            "semcache_collection_writes_total",
+            "Points written to collections, by operation (upsert, delete)",
+        ),
+        &["operation"],
+    )?;
+    let collection_query_duration = Histogram::with_opts(
+        HistogramOpts::new(
+            "semcache_collection_query_duration_seconds",
+            "Time to answer a collection query, embedding of a document included",
+        )
+        .buckets(vec![
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+        ]),
+    )?;
+    registry.register(Box::new(collection_points.clone()))?;
+    registry.register(Box::new(collection_bytes.clone()))?;
+    registry.register(Box::new(collection_writes.clone()))?;
+    registry.register(Box::new(collection_query_duration.clone()))?;
     registry.register(Box::new(ext_proc_streams.clone()))?;
     registry.register(Box::new(ext_proc_active.clone()))?;
     registry.register(Box::new(ext_proc_requests.clone()))?;
@@ -225,6 +263,10 @@ fn build() -> Result<Metrics, prometheus::Error> {
         ext_proc_requests,
         ext_proc_stores,
         ext_proc_lookup_duration,
+        collection_points,
+        collection_bytes,
+        collection_writes,
+        collection_query_duration,
         labels: Mutex::new(HashSet::new()),
     })
 }

@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 use crate::api::{self, AppState};
 use crate::auth::KeyRing;
 use crate::cache::{CacheService, SaveWhen};
+use crate::collections::CollectionService;
 use crate::config::ServeArgs;
 use crate::embed::{self, manifest::ModelManifest, provision, Embedder};
 use crate::gateway;
@@ -108,6 +109,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                         tracing::warn!(error = %e, "background maintenance failed");
                     }
                 }
+                if let Ok(collections) = state.collections() {
+                    if let Err(e) = collections.maintain().await {
+                        tracing::warn!(error = %e, "collection maintenance failed");
+                    }
+                }
             }
         })
     };
@@ -151,6 +157,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             Err(e) => tracing::warn!(error = %e, "indexes not saved; the next start rebuilds them"),
         }
     }
+    if let Ok(collections) = state.collections() {
+        let n = collections.save_indexes(SaveWhen::Changed).await;
+        tracing::info!(collections = n, "collection indexes saved");
+    }
     tracing::info!("drained; flushing the store");
     store.flush_blocking()?;
     if let Some(e) = failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
@@ -170,15 +180,20 @@ async fn load(args: ServeArgs, store: Store, state: AppState) -> anyhow::Result<
     let queue = args.queue_options();
     let device_choice = args.device;
     let config = args.cache_config();
-    let core = tokio::task::spawn_blocking(move || -> anyhow::Result<CacheService> {
-        let manifest = ModelManifest::default_model();
-        let device = embed::select_device(device_choice)?;
-        let embedder = Embedder::start(&manifest, &files, &device, queue)?;
-        tracing::info!(model = %manifest.name, device = ?device, "model loaded");
-        Ok(CacheService::open(store, embedder, config)?)
-    })
+    let collection_config = args.collection_config();
+    let (core, collections) = tokio::task::spawn_blocking(
+        move || -> anyhow::Result<(CacheService, CollectionService)> {
+            let manifest = ModelManifest::default_model();
+            let device = embed::select_device(device_choice)?;
+            let embedder = Embedder::start(&manifest, &files, &device, queue)?;
+            tracing::info!(model = %manifest.name, device = ?device, "model loaded");
+            let collections =
+                CollectionService::open(store.clone(), embedder.clone(), collection_config)?;
+            Ok((CacheService::open(store, embedder, config)?, collections))
+        },
+    )
     .await??;
-    state.set_core(Arc::new(core));
+    state.set_core(Arc::new(core), Arc::new(collections));
     tracing::info!("ready");
     Ok(())
 }

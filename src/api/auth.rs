@@ -2,12 +2,44 @@
 //! enforces it with the server's [`KeyRing`].
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{header, Method};
+use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::problem::ApiError;
+use super::qdrant::QdrantError;
 pub use crate::auth::{KeyRing, Role};
+
+/// What a Qdrant-compatible collection route needs (`None`: not one of them).
+fn collection_requirement(method: &Method, route: &str) -> Option<Role> {
+    let reads = [
+        "/collections/{name}/points/scroll",
+        "/collections/{name}/points/count",
+        "/collections/{name}/points/query",
+        "/collections/{name}/points/query/batch",
+        "/collections/{name}/points/search",
+        "/collections/{name}/points/search/batch",
+        "/collections/{name}/points/{id}",
+        "/collections/{name}/exists",
+    ];
+    Some(match route {
+        "/" | "/collections" => Role::Reader,
+        r if reads.contains(&r) => Role::Reader,
+        "/collections/{name}"
+        | "/collections/{name}/index"
+        | "/collections/{name}/index/{field}" => {
+            if method == Method::GET {
+                Role::Reader
+            } else {
+                Role::Admin
+            }
+        }
+        // POST retrieves points by id; PUT upserts.
+        "/collections/{name}/points" if method == Method::POST => Role::Reader,
+        r if r.starts_with("/collections/{name}") => Role::Writer,
+        _ => return None,
+    })
+}
 
 /// What a route needs: a role, and whether it touches one cache or all of them.
 fn requirement(method: &Method, route: &str) -> Option<(Role, bool)> {
@@ -27,7 +59,7 @@ fn requirement(method: &Method, route: &str) -> Option<(Role, bool)> {
 }
 
 /// Middleware: 401 without a known key, 403 outside the key's role or caches.
-pub async fn authorize(State(ring): State<KeyRing>, req: Request, next: Next) -> Response {
+pub async fn authorize(State(ring): State<KeyRing>, mut req: Request, next: Next) -> Response {
     if !ring.enabled() {
         return next.run(req).await;
     }
@@ -39,20 +71,59 @@ pub async fn authorize(State(ring): State<KeyRing>, req: Request, next: Next) ->
         // Unknown routes answer 404 whoever asks.
         return next.run(req).await;
     };
-    let Some((needed, per_cache)) = requirement(req.method(), &route) else {
-        return next.run(req).await;
+    let qdrant = super::qdrant::is_qdrant_route(&route);
+    let deny = |status: StatusCode, message: &str| -> Response {
+        if qdrant {
+            QdrantError::new(status, message).into_response()
+        } else if status == StatusCode::UNAUTHORIZED {
+            ApiError::Unauthorized.into_response()
+        } else {
+            ApiError::Forbidden(message.to_string()).into_response()
+        }
     };
+    let (needed, per_cache) = match collection_requirement(req.method(), &route) {
+        Some(role) => (role, false),
+        None => match requirement(req.method(), &route) {
+            Some(needed) => needed,
+            None => return next.run(req).await,
+        },
+    };
+    // `Authorization: Bearer <key>`, or `api-key: <key>` as Qdrant's clients send it.
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(crate::auth::bearer);
+        .and_then(crate::auth::bearer)
+        .or_else(|| req.headers().get("api-key").and_then(|v| v.to_str().ok()));
     let Some(key) = presented.and_then(|p| ring.find(p)) else {
-        return ApiError::Unauthorized.into_response();
+        return deny(
+            StatusCode::UNAUTHORIZED,
+            "an API key is required: send `Authorization: Bearer <key>` or `api-key: <key>`",
+        );
     };
     if key.role < needed {
-        return ApiError::Forbidden(format!("this key may not use {} {route}", req.method()))
-            .into_response();
+        return deny(
+            StatusCode::FORBIDDEN,
+            &format!("this key may not use {} {route}", req.method()),
+        );
+    }
+    if qdrant {
+        let collection = route
+            .starts_with("/collections/{name}")
+            .then(|| req.uri().path().split('/').nth(2))
+            .flatten();
+        if let Some(name) = collection {
+            let name = percent_decoded(name);
+            if !key.permits_collection(&name) {
+                return deny(
+                    StatusCode::FORBIDDEN,
+                    "this key may not touch that collection",
+                );
+            }
+        }
+        // `GET /collections` lists only what the key may touch.
+        req.extensions_mut().insert(key);
+        return next.run(req).await;
     }
     if key.scoped() {
         let cache = if per_cache {
@@ -70,6 +141,26 @@ pub async fn authorize(State(ring): State<KeyRing>, req: Request, next: Next) ->
         }
     }
     next.run(req).await
+}
+
+/// A path segment with `%XX` escapes decoded (collection names in keys are plain).
+fn percent_decoded(segment: &str) -> String {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]

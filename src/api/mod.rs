@@ -10,6 +10,7 @@ pub mod entries;
 pub mod extract;
 pub mod health;
 pub mod problem;
+pub mod qdrant;
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -25,6 +26,7 @@ use tracing::Span;
 use utoipa::OpenApi;
 
 use crate::cache::CacheService;
+use crate::collections::CollectionService;
 use extract::BodyLimit;
 use problem::ApiError;
 
@@ -39,6 +41,9 @@ pub struct Limits {
     pub max_results: usize,
     pub max_ttl_ms: u64,
     pub max_embedding_inputs: usize,
+    /// Largest body on the Qdrant-compatible collection routes (batches of vectors as
+    /// JSON are large: 256 points of 384 floats are about 1 MB).
+    pub max_collection_body_bytes: usize,
     /// Longest a request may take before it is answered 503.
     pub request_timeout: Duration,
 }
@@ -54,6 +59,7 @@ impl Default for Limits {
             max_results: 100,
             max_ttl_ms: 365 * 24 * 3600 * 1000,
             max_embedding_inputs: 256,
+            max_collection_body_bytes: 32 * 1024 * 1024,
             request_timeout: Duration::from_secs(30),
         }
     }
@@ -68,6 +74,7 @@ pub struct AppState {
 struct Inner {
     /// Shared with the gateway edge (see [`AppState::core_cell`]).
     core: Arc<OnceLock<Arc<CacheService>>>,
+    collections: OnceLock<Arc<CollectionService>>,
     phase: Mutex<String>,
     limits: Limits,
 }
@@ -77,6 +84,7 @@ impl AppState {
         Self {
             inner: Arc::new(Inner {
                 core: Arc::new(OnceLock::new()),
+                collections: OnceLock::new(),
                 phase: Mutex::new("starting".into()),
                 limits,
             }),
@@ -95,12 +103,24 @@ impl AppState {
         })
     }
 
+    /// The collections core, or 503 while the server is still starting.
+    pub fn collections(&self) -> Result<&Arc<CollectionService>, ApiError> {
+        self.inner
+            .collections
+            .get()
+            .ok_or_else(|| ApiError::Unavailable {
+                detail: format!("semcache is not ready yet ({})", self.phase()),
+                retry_after_s: 5,
+            })
+    }
+
     /// The cell the core appears in, for the other edge (ext_proc) to read.
     pub fn core_cell(&self) -> Arc<OnceLock<Arc<CacheService>>> {
         self.inner.core.clone()
     }
 
-    pub fn set_core(&self, core: Arc<CacheService>) {
+    pub fn set_core(&self, core: Arc<CacheService>, collections: Arc<CollectionService>) {
+        let _ = self.inner.collections.set(collections);
         let _ = self.inner.core.set(core);
         self.set_phase("ready");
     }
@@ -187,6 +207,7 @@ pub fn router(state: AppState, keys: auth::KeyRing) -> Router {
         .route("/admin/caches", get(crate::admin::caches))
         .route("/admin/caches/{cacheId}/evict", post(crate::admin::evict))
         .route("/admin/compact", post(crate::admin::compact))
+        .merge(qdrant::routes(state.limits().max_collection_body_bytes))
         .route_layer(middleware::from_fn_with_state(keys, auth::authorize))
         .route_layer(middleware::from_fn(
             move |req: Request, next: Next| async move {

@@ -415,13 +415,30 @@ impl VectorIndex {
         k: usize,
         keep: &(dyn Fn(usize) -> bool + Sync),
     ) -> Result<Vec<Neighbour>, IndexError> {
+        self.search_with(query, k, self.params.ef_search, Walk::PlainFirst, keep)
+    }
+
+    /// The `k` nearest slots accepted by `keep`, best first, walking with a beam of
+    /// `ef` (at least `k`) the way `walk` says.
+    pub fn search_with(
+        &self,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+        walk: Walk,
+        keep: &(dyn Fn(usize) -> bool + Sync),
+    ) -> Result<Vec<Neighbour>, IndexError> {
         self.check(query)?;
         if k == 0 || self.is_empty() {
             return Ok(Vec::new());
         }
-        let ef = self.params.ef_search.max(k);
+        let ef = ef.max(k);
         let query = to_elements(query);
         let query = query.as_slice();
+        if walk == Walk::Exact {
+            return catch_unwind(AssertUnwindSafe(|| self.exact(query, k, keep)))
+                .map_err(|p| IndexError::Internal(panic_text(p)));
+        }
         let to_neighbours = |found: Vec<hnsw_rs::prelude::Neighbour>| -> Vec<Neighbour> {
             found
                 .into_iter()
@@ -432,15 +449,17 @@ impl VectorIndex {
                 })
                 .collect()
         };
-        // hnsw_rs's filtered walk costs about three times a plain one (measured on
-        // clustered 384-d vectors), so try the plain walk first and filter afterwards;
-        // only when that leaves too few results walk again with the filter.
-        let plain = catch_unwind(AssertUnwindSafe(|| self.hnsw.search(query, k, ef)))
-            .map_err(|p| IndexError::Internal(panic_text(p)))?;
-        let returned = plain.len();
-        let kept = to_neighbours(plain);
-        if kept.len() >= k || returned < k {
-            return Ok(kept);
+        if walk == Walk::PlainFirst {
+            // hnsw_rs's filtered walk costs about three times a plain one (measured on
+            // clustered 384-d vectors), so try the plain walk first and filter
+            // afterwards; only when that leaves too few results walk again with the filter.
+            let plain = catch_unwind(AssertUnwindSafe(|| self.hnsw.search(query, k, ef)))
+                .map_err(|p| IndexError::Internal(panic_text(p)))?;
+            let returned = plain.len();
+            let kept = to_neighbours(plain);
+            if kept.len() >= k || returned < k {
+                return Ok(kept);
+            }
         }
         let filter = |id: &usize| keep(*id);
         let found = catch_unwind(AssertUnwindSafe(|| {
@@ -449,6 +468,43 @@ impl VectorIndex {
         .map_err(|p| IndexError::Internal(panic_text(p)))?;
         Ok(to_neighbours(found))
     }
+
+    /// Brute force over every point `keep` accepts: exact, and cheaper than a walk when
+    /// few points pass the filter.
+    fn exact(
+        &self,
+        query: &[Element],
+        k: usize,
+        keep: &(dyn Fn(usize) -> bool + Sync),
+    ) -> Vec<Neighbour> {
+        let mut best: Vec<Neighbour> = Vec::with_capacity(k + 1);
+        for point in self.hnsw.get_point_indexation() {
+            let slot = point.get_origin_id();
+            if !keep(slot) {
+                continue;
+            }
+            let similarity = dot_f16(query, point.get_v());
+            if best.len() == k && best[k - 1].similarity >= similarity {
+                continue;
+            }
+            let at = best.partition_point(|n| n.similarity >= similarity);
+            best.insert(at, Neighbour { slot, similarity });
+            best.truncate(k);
+        }
+        best
+    }
+}
+
+/// How [`VectorIndex::search_with`] looks for neighbours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Walk {
+    /// A plain walk filtered afterwards, then a filtered walk if that left too few: for
+    /// filters most points pass.
+    PlainFirst,
+    /// hnsw_rs's filtered walk straight away: for filters many points fail.
+    Filtered,
+    /// Every accepted point compared: for filters few points pass, or exact search.
+    Exact,
 }
 
 /// hnsw_rs ends the whole process (exit status 1) when a saved data file holds fewer

@@ -3,11 +3,13 @@
 //! Trees:
 //! - `meta`: the on-disk format version (see `migrations/`);
 //! - `entries`: `{cacheId}/{entryId}` → JSON [`EntryRecord`];
-//! - `vectors`: the same key → the embedding as little-endian f32s.
+//! - `vectors`: the same key → the embedding as little-endian f32s;
+//! - collections' trees: see [`points`].
 //!
 //! `/` cannot occur in a cache id, so a cache's keys are one contiguous prefix range.
 
 mod migrate;
+mod points;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -18,6 +20,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
 pub use migrate::FORMAT_VERSION;
+pub use points::{point_key, CollectionRecord, PointId, PointRecord, StoredPoint};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -259,6 +262,9 @@ pub struct Store {
     feedback: sled::Tree,
     settings: sled::Tree,
     hits: sled::Tree,
+    collections: sled::Tree,
+    points: sled::Tree,
+    point_vectors: sled::Tree,
 }
 
 impl Store {
@@ -311,6 +317,9 @@ impl Store {
             feedback: db.open_tree("feedback")?,
             settings: db.open_tree("settings")?,
             hits: db.open_tree("hits")?,
+            collections: db.open_tree("collections")?,
+            points: db.open_tree("points")?,
+            point_vectors: db.open_tree("point_vectors")?,
             db,
         })
     }

@@ -225,6 +225,9 @@ pub fn client() -> reqwest::blocking::Client {
 /// A virtual environment with the pinned Python clients of tests/sdk/requirements.txt,
 /// created once under ~/.cache/semcache/ (outside target/) from PyPI. Returns its python.
 pub fn python_venv() -> PathBuf {
+    // Tests of one binary run in parallel; one of them builds the venv, the rest wait.
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = BUILDING.lock().unwrap_or_else(|p| p.into_inner());
     let requirements = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/requirements.txt");
     let pins = std::fs::read_to_string(requirements).unwrap();
     let tag: u32 = pins
