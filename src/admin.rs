@@ -33,6 +33,10 @@ pub struct GlobalStats {
     pub store_bytes_on_disk: u64,
     pub model: String,
     pub device: String,
+    /// Vector-search collections: how many, their live points, bytes (vectors as f32
+    /// and payloads as JSON) and index points (live and tombstones).
+    #[schema(value_type = Object)]
+    pub collections: crate::collections::CollectionTotals,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -68,6 +72,7 @@ pub async fn stats(State(state): State<AppState>) -> Result<Json<GlobalStats>, A
         store_bytes_on_disk: core.store().size_on_disk(),
         model: core.embedder().info().model.clone(),
         device: core.embedder().info().device.clone(),
+        collections: state.collections()?.totals(),
     };
     for (_, s) in &all {
         g.entries += s.entries;

@@ -185,3 +185,70 @@ fn key_scopes_reach_collections_by_name() {
     assert_eq!(body["result"]["points"][0]["payload"], json!({"a": 1}));
     s.assert_healthy();
 }
+
+#[test]
+fn deleted_points_leave_the_index_in_a_background_rebuild() {
+    let s = Server::start(&["--sweep-interval-millis", "200"]);
+    let create = json!({"vectors": {"size": 32, "distance": "Cosine"}});
+    assert_eq!(call(&s, "PUT", "/collections/r", "", Some(create)).0, 200);
+    // 3,000 points on pseudo-random 32-d vectors (xorshift, seeded by the id), in three requests.
+    let vector = |i: u64| -> Vec<f32> {
+        let mut x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..32)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    };
+    for chunk in (0..3000u64).collect::<Vec<_>>().chunks(1000) {
+        let points: Vec<Value> = chunk
+            .iter()
+            .map(|i| json!({"id": i, "vector": vector(*i), "payload": {"keep": i % 6 == 0}}))
+            .collect();
+        let (status, body) = call(
+            &s,
+            "PUT",
+            "/collections/r/points?wait=true",
+            "",
+            Some(json!({"points": points})),
+        );
+        assert_eq!(status, 200, "{body}");
+    }
+    let delete = json!({"filter": {"must": [{"key": "keep", "match": {"value": false}}]}});
+    assert_eq!(
+        call(
+            &s,
+            "POST",
+            "/collections/r/points/delete?wait=true",
+            "",
+            Some(delete)
+        )
+        .0,
+        200
+    );
+    // 2,500 tombstones outnumber 500 live points: upkeep rebuilds the graph without them.
+    let start = std::time::Instant::now();
+    loop {
+        let (_, info) = call(&s, "GET", "/collections/r", "", None);
+        assert_eq!(info["result"]["points_count"], 500);
+        if info["result"]["indexed_vectors_count"] == 500 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no rebuild: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Every remaining point is found by its own vector in the rebuilt graph.
+    for i in (0..3000u64).filter(|i| i % 6 == 0) {
+        let query = json!({"query": vector(i), "limit": 1});
+        let (status, body) = call(&s, "POST", "/collections/r/points/query", "", Some(query));
+        assert_eq!(status, 200);
+        assert_eq!(body["result"]["points"][0]["id"], i, "{body}");
+    }
+    s.assert_healthy();
+}

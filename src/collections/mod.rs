@@ -127,6 +127,16 @@ pub enum PayloadOp {
     Overwrite,
 }
 
+/// Sums over every collection.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CollectionTotals {
+    pub collections: usize,
+    pub points: u64,
+    pub bytes: u64,
+    pub index_points: u64,
+}
+
 /// A collection's description, for `GET /collections/{name}`.
 pub struct CollectionInfo {
     pub record: CollectionRecord,
@@ -378,7 +388,10 @@ impl CollectionService {
         }
         self.store.flush().await?;
         let m = metrics();
-        let _ = m.collection_points.remove_label_values(&[name]);
+        if m.cache_label(name) == name {
+            let _ = m.collection_points.remove_label_values(&[name]);
+            let _ = m.collection_bytes.remove_label_values(&[name]);
+        }
         tracing::info!(collection = %name, points = removed, "collection deleted");
         Ok(true)
     }
@@ -926,24 +939,46 @@ impl CollectionService {
         saved
     }
 
-    /// (collections, points, index points) over all collections, for admin stats.
-    pub fn totals(&self) -> (usize, usize, usize) {
+    /// Totals over all collections, for admin stats.
+    pub fn totals(&self) -> CollectionTotals {
         let map = self.read_map();
-        let mut totals = (map.len(), 0, 0);
+        let mut totals = CollectionTotals {
+            collections: map.len(),
+            ..CollectionTotals::default()
+        };
         for collection in map.values() {
-            let generation = collection.set.generation();
-            totals.1 += generation.read().live();
-            totals.2 += generation.index.len();
+            let (points, bytes, index) = Self::usage(collection);
+            totals.points += points as u64;
+            totals.bytes += bytes;
+            totals.index_points += index as u64;
         }
         totals
     }
 
+    /// (live points, bytes, index points). Bytes count as a cache entry's do: vectors
+    /// as f32 and payloads as JSON (the graph's f16 copy and links are in BENCHMARKS.md).
+    fn usage(collection: &Collection) -> (usize, u64, usize) {
+        let size = collection
+            .record
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .size;
+        let generation = collection.set.generation();
+        let table = generation.read();
+        let bytes = (table.live() * size * 4 + table.payload_bytes()) as u64;
+        (table.live(), bytes, generation.index.len())
+    }
+
     fn publish_gauges(&self, name: &str, collection: &Collection) {
-        let (live, _) = collection.set.counts();
-        metrics()
-            .collection_points
-            .with_label_values(&[&metrics().cache_label(name)])
+        let (live, bytes, _) = Self::usage(collection);
+        let m = metrics();
+        let label = m.cache_label(name);
+        m.collection_points
+            .with_label_values(&[&label])
             .set(live as i64);
+        m.collection_bytes
+            .with_label_values(&[&label])
+            .set(bytes as i64);
     }
 }
 

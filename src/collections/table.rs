@@ -16,7 +16,16 @@ pub struct PointSlot {
     pub id: PointId,
     pub version: EntryId,
     pub payload: Payload,
+    /// The payload's size as JSON, for memory accounting.
+    payload_bytes: usize,
     alive: bool,
+}
+
+fn json_size(payload: &Map<String, Value>) -> usize {
+    if payload.is_empty() {
+        return 0;
+    }
+    serde_json::to_vec(payload).map_or(0, |b| b.len())
 }
 
 impl PointSlot {
@@ -24,6 +33,7 @@ impl PointSlot {
         Self {
             id,
             version,
+            payload_bytes: json_size(&payload),
             payload,
             alive: false,
         }
@@ -37,19 +47,24 @@ pub struct PointTable {
     by_id: BTreeMap<PointId, usize>,
     by_version: HashMap<EntryId, usize>,
     live: usize,
+    /// Payload bytes of the live points.
+    payload_bytes: usize,
 }
 
 impl PointTable {
     /// Takes a slot for a point that is not visible yet.
-    pub fn reserve(&mut self, slot: PointSlot) -> usize {
+    pub fn reserve(&mut self, mut slot: PointSlot) -> usize {
+        // A slot copied from another generation (a rebuild) arrives marked alive.
+        slot.alive = false;
         self.slots.push(slot);
         self.slots.len() - 1
     }
 
     /// Puts a stored point into a slot made by `reserve_tombstones` (a loaded graph).
-    pub fn fill(&mut self, n: usize, slot: PointSlot) {
+    pub fn fill(&mut self, n: usize, mut slot: PointSlot) {
         if let Some(place) = self.slots.get_mut(n) {
             if !place.alive {
+                slot.alive = false;
                 *place = slot;
             }
         }
@@ -66,6 +81,7 @@ impl PointTable {
         slot.alive = true;
         let (id, version) = (slot.id, slot.version);
         self.live += 1;
+        self.payload_bytes += slot.payload_bytes;
         self.by_version.insert(version, n);
         if let Some(old) = self.by_id.insert(id, n) {
             self.bury(old);
@@ -77,9 +93,11 @@ impl PointTable {
             if slot.alive {
                 slot.alive = false;
                 self.live -= 1;
+                self.payload_bytes -= slot.payload_bytes;
                 self.by_version.remove(&slot.version);
                 // The payload is not needed any more; the id stays for the saved map.
                 slot.payload = Payload::default();
+                slot.payload_bytes = 0;
             }
         }
     }
@@ -108,8 +126,17 @@ impl PointTable {
 
     pub fn set_payload(&mut self, id: &PointId, payload: Payload) {
         if let Some(n) = self.by_id.get(id) {
-            self.slots[*n].payload = payload;
+            let slot = &mut self.slots[*n];
+            let bytes = json_size(&payload);
+            self.payload_bytes = self.payload_bytes - slot.payload_bytes + bytes;
+            slot.payload_bytes = bytes;
+            slot.payload = payload;
         }
+    }
+
+    /// Payload bytes of the live points.
+    pub fn payload_bytes(&self) -> usize {
+        self.payload_bytes
     }
 
     pub fn slot_of_version(&self, version: &EntryId) -> Option<&PointSlot> {

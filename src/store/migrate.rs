@@ -180,6 +180,34 @@ mod tests {
     }
 
     #[test]
+    fn a_v2_store_opens_as_v3_with_its_entries_and_no_collections() {
+        use crate::store::{EntryId, EntryRecord};
+        let dir = tempfile::tempdir().unwrap();
+        let record = EntryRecord {
+            id: EntryId::new(),
+            cache_id: "c".into(),
+            prompt: "p".into(),
+            prompt_hash: format!("{:064x}", 1),
+            response: "r".into(),
+            attributes: Default::default(),
+            created_at_ms: 1,
+            expires_at_ms: None,
+            window_end: None,
+        };
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.insert(&record, &[1.0, 0.0]).unwrap();
+            store.flush_blocking().unwrap();
+            // As a v2 binary left it: stamped 2, no collection trees written to.
+            write_version(&store.db, 2).unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(read_version(&store.db).unwrap(), Some(3));
+        assert_eq!(store.get("c", &record.id).unwrap(), Some(record));
+        assert_eq!(store.scan_collections().count(), 0);
+    }
+
+    #[test]
     fn older_stores_run_every_step_in_order() {
         // The mechanism future formats will use: a v1 store upgraded to a v3 target.
         fn to_v2(db: &sled::Db) -> Result<(), StoreError> {
