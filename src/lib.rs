@@ -1,9 +1,11 @@
 //! semcache: a semantic cache for AI gateways.
 //!
-//! Layers point one way: the edges [`api`] (HTTP) and [`gateway`] (Envoy ext_proc) → [`cache`] (scope, exact and semantic lookup,
-//! expiry) → the engines [`embed`], [`index`] and [`store`], which know nothing of HTTP
-//! or of each other. [`config`] turns flags into each layer's settings; [`server`] wires
-//! them together.
+//! Layers point one way: the edges [`api`] (HTTP) and [`gateway`] (Envoy ext_proc) → the
+//! cores [`cache`] (scope, exact and semantic lookup, expiry) and [`collections`]
+//! (Qdrant-style points and filtered search) → [`vectors`] (persisted, named HNSW sets,
+//! which both cores are) → the engines [`embed`], [`index`] and [`store`], which know
+//! nothing of HTTP or of each other. [`config`] turns flags into each layer's settings;
+//! [`server`] wires them together.
 
 pub mod admin;
 pub mod api;
