@@ -274,7 +274,7 @@ fn parse_range(value: &Value) -> Result<Range, String> {
 }
 
 /// The values at `path`, arrays flattened at every level (as Qdrant reads `a.b`).
-fn values_at<'a>(payload: &'a Map<String, Value>, path: &[String]) -> Vec<&'a Value> {
+pub(crate) fn values_at<'a>(payload: &'a Map<String, Value>, path: &[String]) -> Vec<&'a Value> {
     let mut current: Vec<&Value> = match payload.get(&path[0]) {
         Some(v) => vec![v],
         None => return Vec::new(),

@@ -8,6 +8,7 @@
 //! same batching queue as cache prompts.
 
 pub mod filter;
+pub mod payload_index;
 pub mod table;
 
 use std::collections::{HashMap, HashSet};
@@ -285,6 +286,7 @@ impl CollectionService {
                 }
             }
         }
+        generation.write().set_index_fields(&indexed_fields(record));
         Ok((generation, from_saved))
     }
 
@@ -426,8 +428,8 @@ impl CollectionService {
         })
     }
 
-    /// Records a payload index. Filters are checked against payloads in memory, so
-    /// the index is the schema clients see (and what `GET` reports), not a structure.
+    /// Records a payload index; for keyword, integer, bool and UUID fields it also keeps
+    /// postings, so a filter's `must` match on the field starts from them.
     pub async fn create_field_index(&self, name: &str, field: &str, schema: &str) -> Result<()> {
         const SCHEMAS: &[&str] = &[
             "keyword", "integer", "float", "bool", "text", "uuid", "datetime",
@@ -456,12 +458,18 @@ impl CollectionService {
 
     pub async fn delete_field_index(&self, name: &str, field: &str) -> Result<()> {
         let collection = self.get(name)?;
+        let _gate = collection.set.gate.read().await;
         let record = {
             let mut record = collection.record.write().unwrap_or_else(|p| p.into_inner());
             record.payload_indexes.remove(field);
             record.clone()
         };
         self.store.put_collection(name, &record)?;
+        let generation = collection.set.generation();
+        generation
+            .write()
+            .set_index_fields(&indexed_fields(&record));
+        drop(_gate);
         self.store.flush().await?;
         Ok(())
     }
@@ -826,7 +834,7 @@ impl CollectionService {
             let table = generation.read();
             let (walk, mask) = match &spec.filter {
                 Some(f) if !f.is_empty() => {
-                    let (mask, passing) = table.mask(|s| f.matches(&s.id, &s.payload));
+                    let (mask, passing) = table.filter_mask(f);
                     let live = table.live().max(1);
                     let walk = if spec.exact
                         || passing <= 1000
@@ -907,6 +915,7 @@ impl CollectionService {
         };
         // Payload changes made while rebuilding are in the old table only.
         let carry = |fresh: &mut PointTable, old: &PointTable, _: &[EntryId]| {
+            fresh.set_index_fields(&old.index_fields());
             for s in old.from_id(None) {
                 if fresh.get(&s.id).is_some_and(|f| f.version == s.version) {
                     fresh.set_payload(&s.id, s.payload.clone());
@@ -980,6 +989,16 @@ impl CollectionService {
             .with_label_values(&[&label])
             .set(bytes as i64);
     }
+}
+
+/// The fields of a collection's payload indexes that keep postings.
+fn indexed_fields(record: &CollectionRecord) -> Vec<String> {
+    record
+        .payload_indexes
+        .iter()
+        .filter(|(_, schema)| payload_index::INDEXED_SCHEMAS.contains(&schema.as_str()))
+        .map(|(field, _)| field.clone())
+        .collect()
 }
 
 fn has_value(payload: &Map<String, Value>, path: &[String]) -> bool {

@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
+use super::filter::Filter;
+use super::payload_index::PayloadIndexes;
 use crate::store::{EntryId, PointId};
 use crate::vectors::SlotMap;
 
@@ -49,6 +51,7 @@ pub struct PointTable {
     live: usize,
     /// Payload bytes of the live points.
     payload_bytes: usize,
+    indexes: PayloadIndexes,
 }
 
 impl PointTable {
@@ -82,10 +85,33 @@ impl PointTable {
         let (id, version) = (slot.id, slot.version);
         self.live += 1;
         self.payload_bytes += slot.payload_bytes;
+        self.indexes.add(n, &slot.payload);
         self.by_version.insert(version, n);
         if let Some(old) = self.by_id.insert(id, n) {
             self.bury(old);
         }
+        self.reindex_if_stale();
+    }
+
+    fn reindex_if_stale(&mut self) {
+        if self.indexes.needs_rebuild(self.live) {
+            self.reindex(&self.indexes.fields());
+        }
+    }
+
+    fn reindex(&mut self, fields: &[String]) {
+        let slots = &self.slots;
+        let live = self.by_id.values().map(|n| (*n, &*slots[*n].payload));
+        self.indexes.rebuild(fields, live);
+    }
+
+    /// Sets the payload fields with postings, and builds them.
+    pub fn set_index_fields(&mut self, fields: &[String]) {
+        self.reindex(fields);
+    }
+
+    pub fn index_fields(&self) -> Vec<String> {
+        self.indexes.fields()
     }
 
     fn bury(&mut self, n: usize) {
@@ -131,6 +157,9 @@ impl PointTable {
             self.payload_bytes = self.payload_bytes - slot.payload_bytes + bytes;
             slot.payload_bytes = bytes;
             slot.payload = payload;
+            let n = *n;
+            self.indexes.add(n, &self.slots[n].payload);
+            self.reindex_if_stale();
         }
     }
 
@@ -152,9 +181,23 @@ impl PointTable {
         range.map(|(_, n)| &self.slots[*n])
     }
 
-    /// Whether each slot is alive and passes `keep`, and how many do.
-    pub fn mask(&self, keep: impl Fn(&PointSlot) -> bool) -> (Vec<bool>, usize) {
-        let mask: Vec<bool> = self.slots.iter().map(|s| s.alive && keep(s)).collect();
+    /// Whether each slot is alive and passes `filter`, and how many do. A payload index
+    /// on a `must` match narrows the slots checked; otherwise every slot is.
+    pub fn filter_mask(&self, filter: &Filter) -> (Vec<bool>, usize) {
+        let passes = |s: &PointSlot| s.alive && filter.matches(&s.id, &s.payload);
+        let mask: Vec<bool> = match self.indexes.candidates(filter) {
+            Some(candidates) => {
+                let mut mask = vec![false; self.slots.len()];
+                for n in candidates {
+                    let n = n as usize;
+                    if let Some(s) = self.slots.get(n) {
+                        mask[n] = passes(s);
+                    }
+                }
+                mask
+            }
+            None => self.slots.iter().map(passes).collect(),
+        };
         let count = mask.iter().filter(|m| **m).count();
         (mask, count)
     }

@@ -265,6 +265,12 @@ def filter_cases(ds):
          lambda i, p: "opt" in p and p["opt"] is None),
         ("has_id (60 ids)", models.Filter(must=[models.HasIdCondition(has_id=some_ids)]),
          lambda i, p: i in some_set),
+        # tag has a keyword payload index (check_load): these start from its postings.
+        ("tag == violet (indexed)", models.Filter(must=[fc("tag", match=V(value="violet"))]),
+         lambda i, p: p.get("tag") == "violet"),
+        ("tag any [red, blue] & cluster == 2 (indexed)",
+         models.Filter(must=[fc("tag", match=models.MatchAny(any=["red", "blue"])), fc("cluster", match=V(value=2))]),
+         lambda i, p: p.get("tag") in ("red", "blue") and p["cluster"] == 2),
         ("cluster any [4, 5] & n >= 0.1 & not blue",
          models.Filter(must=[fc("cluster", match=models.MatchAny(any=[4, 5])), fc("n", range=models.Range(gte=0.1))],
                        must_not=[fc("tag", match=V(value="blue"))]),
