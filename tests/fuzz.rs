@@ -1,5 +1,6 @@
-//! Property tests over the request parsers, the chat fingerprint and the verifier's
-//! tokenizer: arbitrary input never panics, and the fingerprint ignores key order.
+//! Property tests over the request parsers, the chat fingerprint, the verifier's
+//! tokenizer and the collections' payload filters: arbitrary input never panics, and the
+//! fingerprint ignores key order.
 
 use proptest::prelude::*;
 use semcache::api::entries::{SearchRequest, SetRequest};
@@ -7,6 +8,8 @@ use semcache::api::extract::parse_json;
 use semcache::api::Limits;
 use semcache::cache::chat;
 use semcache::cache::verify::{check, Signature, VerifyRules};
+use semcache::collections::Filter;
+use semcache::store::PointId;
 use serde_json::{json, Map, Value};
 
 fn json_value() -> impl Strategy<Value = Value> {
@@ -63,6 +66,42 @@ fn reversed(v: &Value) -> Value {
     }
 }
 
+/// Filter-shaped JSON: Qdrant's clauses and conditions with arbitrary values where the
+/// grammar has them, and some shapes that are wrong.
+fn filter_value() -> impl Strategy<Value = Value> {
+    let key = prop_oneof![
+        Just("a"),
+        Just("b.c"),
+        Just("items[].x"),
+        Just(""),
+        Just("a.")
+    ]
+    .prop_map(Value::from);
+    let condition =
+        (key, json_value(), json_value(), 0..9u8).prop_map(|(k, v, w, kind)| match kind {
+            0 => json!({"key": k, "match": {"value": v}}),
+            1 => json!({"key": k, "match": {"any": [v, w]}}),
+            2 => json!({"key": k, "match": {"except": v}}),
+            3 => json!({"key": k, "range": {"gt": v, "lte": w}}),
+            4 => json!({"is_empty": {"key": k}}),
+            5 => json!({"is_null": {"key": k}}),
+            6 => json!({"has_id": [v, 7, "00000000-0000-4000-8000-000000000001"]}),
+            7 => json!({"key": k, "match": v}),
+            _ => v,
+        });
+    condition.prop_recursive(4, 48, 4, |inner| {
+        (prop::collection::vec(inner.clone(), 0..4), inner, 0..5u8).prop_map(|(list, one, kind)| {
+            match kind {
+                0 => json!({"must": list}),
+                1 => json!({"should": list, "must_not": one}),
+                2 => json!({"nested": {"key": "items", "filter": {"must": list}}}),
+                3 => json!({"must": one}),
+                _ => json!({"must_not": list}),
+            }
+        })
+    })
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 
@@ -79,6 +118,17 @@ proptest! {
         let _ = parse_json::<SetRequest>(&bytes).map(|r| r.into_entry(&Limits::default()));
         let _ = chat::key(&body, false);
         let _ = chat::check_response(&body);
+    }
+
+    #[test]
+    fn filters_never_panic(filter in filter_value(), payload in json_value()) {
+        if let (Ok(f), Value::Object(p)) = (Filter::parse(&filter), &payload) {
+            let _ = f.matches(&PointId::Num(7), p);
+        }
+        let items = json!({"a": payload, "b": {"c": 1}, "items": [{"x": 1}, {"x": "y"}]});
+        if let Ok(f) = Filter::parse(&filter) {
+            let _ = f.matches(&PointId::Num(7), items.as_object().unwrap());
+        }
     }
 
     #[test]
