@@ -304,6 +304,36 @@ pub(crate) fn values_at<'a>(payload: &'a Map<String, Value>, path: &[String]) ->
     leaves
 }
 
+/// Whether any value at `path` (as [`values_at`] finds them) satisfies `pred`, without
+/// collecting them: filters run once per candidate point, so this is the hot loop.
+fn any_at(
+    payload: &Map<String, Value>,
+    path: &[String],
+    pred: &mut dyn FnMut(&Value) -> bool,
+) -> bool {
+    payload
+        .get(&path[0])
+        .is_some_and(|v| any_in(v, &path[1..], pred))
+}
+
+fn any_in(value: &Value, rest: &[String], pred: &mut dyn FnMut(&Value) -> bool) -> bool {
+    match rest.split_first() {
+        None => match value {
+            Value::Array(items) => items.iter().any(&mut *pred),
+            other => pred(other),
+        },
+        Some((part, tail)) => match value {
+            Value::Object(map) => map.get(part).is_some_and(|v| any_in(v, tail, pred)),
+            Value::Array(items) => items.iter().any(|item| {
+                item.as_object()
+                    .and_then(|m| m.get(part))
+                    .is_some_and(|v| any_in(v, tail, pred))
+            }),
+            _ => false,
+        },
+    }
+}
+
 fn same(a: &Value, b: &Value) -> bool {
     match (a, b) {
         (Value::Number(x), Value::Number(y)) => match (x.as_i64(), y.as_i64()) {
@@ -326,25 +356,24 @@ impl Range {
 impl Condition {
     fn holds(&self, id: &PointId, payload: &Map<String, Value>) -> bool {
         match self {
-            Condition::Match { key, matcher } => {
-                let values = values_at(payload, key);
-                match matcher {
-                    Matcher::Value(v) => values.iter().any(|x| same(x, v)),
-                    Matcher::Any(list) => values.iter().any(|x| list.iter().any(|v| same(x, v))),
-                    // Qdrant: true when some value is outside the list (a point without the
-                    // key has no such value).
-                    Matcher::Except(list) => values
-                        .iter()
-                        .any(|x| !x.is_null() && !list.iter().any(|v| same(x, v))),
-                    Matcher::Text(text) => values
-                        .iter()
-                        .any(|x| x.as_str().is_some_and(|s| s.contains(text.as_str()))),
+            Condition::Match { key, matcher } => match matcher {
+                Matcher::Value(v) => any_at(payload, key, &mut |x| same(x, v)),
+                Matcher::Any(list) => {
+                    any_at(payload, key, &mut |x| list.iter().any(|v| same(x, v)))
                 }
-            }
-            Condition::Range { key, range } => values_at(payload, key)
-                .iter()
-                .any(|x| x.as_f64().is_some_and(|x| range.holds(x))),
-            Condition::IsEmpty(key) => values_at(payload, key).iter().all(|v| v.is_null()),
+                // Qdrant: true when some value is outside the list (a point without the key
+                // has no such value).
+                Matcher::Except(list) => any_at(payload, key, &mut |x| {
+                    !x.is_null() && !list.iter().any(|v| same(x, v))
+                }),
+                Matcher::Text(text) => any_at(payload, key, &mut |x| {
+                    x.as_str().is_some_and(|s| s.contains(text.as_str()))
+                }),
+            },
+            Condition::Range { key, range } => any_at(payload, key, &mut |x| {
+                x.as_f64().is_some_and(|x| range.holds(x))
+            }),
+            Condition::IsEmpty(key) => !any_at(payload, key, &mut |v| !v.is_null()),
             Condition::IsNull(key) => {
                 let values = values_at(payload, key);
                 !values.is_empty() && values.iter().all(|v| v.is_null())

@@ -444,6 +444,7 @@ impl CollectionService {
             )));
         }
         let collection = self.get(name)?;
+        let _gate = collection.set.gate.read().await;
         let record = {
             let mut record = collection.record.write().unwrap_or_else(|p| p.into_inner());
             record
@@ -452,6 +453,11 @@ impl CollectionService {
             record.clone()
         };
         self.store.put_collection(name, &record)?;
+        let generation = collection.set.generation();
+        generation
+            .write()
+            .set_index_fields(&indexed_fields(&record));
+        drop(_gate);
         self.store.flush().await?;
         Ok(())
     }
