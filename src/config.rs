@@ -35,6 +35,8 @@ pub enum Command {
     Eval(crate::eval::EvalArgs),
     /// Measure `maxErrorRate` on a question stream: error bound, hit rate, static peers.
     EvalBound(crate::eval::bound::BoundArgs),
+    /// Measure the router's scorer on CLINC150: in-scope accuracy, out-of-scope recall.
+    EvalRouter(crate::eval::router::RouterArgs),
     /// Manage the embedding model.
     Model {
         #[command(subcommand)]

@@ -18,6 +18,7 @@ pub mod eval;
 pub mod gateway;
 pub mod index;
 pub mod metrics;
+pub mod routing;
 pub mod server;
 pub mod store;
 pub mod vectors;

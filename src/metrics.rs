@@ -42,6 +42,7 @@ pub struct Metrics {
     pub collection_bytes: IntGaugeVec,
     pub collection_writes: IntCounterVec,
     pub collection_query_duration: Histogram,
+    pub routing_decisions: IntCounterVec,
     labels: Mutex<HashSet<String>>,
 }
 
@@ -211,6 +212,14 @@ fn build() -> Result<Metrics, prometheus::Error> {
             0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
         ]),
     )?;
+    let routing_decisions = IntCounterVec::new(
+        Opts::new(
+            "semcache_routing_decisions_total",
+            "Prompts routed, by router and the route chosen (none: out of scope)",
+        ),
+        &["router", "route"],
+    )?;
+    registry.register(Box::new(routing_decisions.clone()))?;
     registry.register(Box::new(collection_points.clone()))?;
     registry.register(Box::new(collection_bytes.clone()))?;
     registry.register(Box::new(collection_writes.clone()))?;
@@ -267,6 +276,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
         collection_bytes,
         collection_writes,
         collection_query_duration,
+        routing_decisions,
         labels: Mutex::new(HashSet::new()),
     })
 }

@@ -10,6 +10,10 @@ use crate::api::{self, AppState};
 use crate::auth::KeyRing;
 use crate::cache::{CacheService, SaveWhen};
 use crate::collections::CollectionService;
+use crate::routing::{RoutingConfig, RoutingService};
+
+/// The cores start-up builds, in the order the edges need them.
+type Cores = (CacheService, CollectionService, RoutingService);
 use crate::config::ServeArgs;
 use crate::embed::{self, manifest::ModelManifest, provision, Embedder};
 use crate::gateway;
@@ -181,19 +185,21 @@ async fn load(args: ServeArgs, store: Store, state: AppState) -> anyhow::Result<
     let device_choice = args.device;
     let config = args.cache_config();
     let collection_config = args.collection_config();
-    let (core, collections) = tokio::task::spawn_blocking(
-        move || -> anyhow::Result<(CacheService, CollectionService)> {
-            let manifest = ModelManifest::default_model();
-            let device = embed::select_device(device_choice)?;
-            let embedder = Embedder::start(&manifest, &files, &device, queue)?;
-            tracing::info!(model = %manifest.name, device = ?device, "model loaded");
-            let collections =
-                CollectionService::open(store.clone(), embedder.clone(), collection_config)?;
-            Ok((CacheService::open(store, embedder, config)?, collections))
-        },
-    )
+    let cores = tokio::task::spawn_blocking(move || -> anyhow::Result<Cores> {
+        let manifest = ModelManifest::default_model();
+        let device = embed::select_device(device_choice)?;
+        let embedder = Embedder::start(&manifest, &files, &device, queue)?;
+        tracing::info!(model = %manifest.name, device = ?device, "model loaded");
+        let collections =
+            CollectionService::open(store.clone(), embedder.clone(), collection_config)?;
+        let routing =
+            RoutingService::open(store.clone(), embedder.clone(), RoutingConfig::default())?;
+        let cache = CacheService::open(store, embedder, config)?;
+        Ok((cache, collections, routing))
+    })
     .await??;
-    state.set_core(Arc::new(core), Arc::new(collections));
+    let (cache, collections, routing) = cores;
+    state.set_core(Arc::new(cache), Arc::new(collections), Arc::new(routing));
     tracing::info!("ready");
     Ok(())
 }

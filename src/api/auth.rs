@@ -51,6 +51,9 @@ fn requirement(method: &Method, route: &str) -> Option<(Role, bool)> {
         | "/v1/caches/{cacheId}/chat/search"
         | "/v1/embeddings" => Role::Reader,
         "/v1/caches/{cacheId}" if method == Method::GET => Role::Reader,
+        "/v1/routers/{name}/route" => Role::Reader,
+        "/v1/routers/{name}" if method == Method::GET => Role::Reader,
+        r if r.starts_with("/v1/routers/") => Role::Admin,
         "/v1/caches/{cacheId}" => Role::Admin,
         r if r.starts_with("/admin") => Role::Admin,
         _ => Role::Writer,

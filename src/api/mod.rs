@@ -11,6 +11,7 @@ pub mod extract;
 pub mod health;
 pub mod problem;
 pub mod qdrant;
+pub mod routers;
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -27,6 +28,7 @@ use utoipa::OpenApi;
 
 use crate::cache::CacheService;
 use crate::collections::CollectionService;
+use crate::routing::RoutingService;
 use extract::BodyLimit;
 use problem::ApiError;
 
@@ -75,6 +77,7 @@ struct Inner {
     /// Shared with the gateway edge (see [`AppState::core_cell`]).
     core: Arc<OnceLock<Arc<CacheService>>>,
     collections: OnceLock<Arc<CollectionService>>,
+    routing: OnceLock<Arc<RoutingService>>,
     phase: Mutex<String>,
     limits: Limits,
 }
@@ -85,6 +88,7 @@ impl AppState {
             inner: Arc::new(Inner {
                 core: Arc::new(OnceLock::new()),
                 collections: OnceLock::new(),
+                routing: OnceLock::new(),
                 phase: Mutex::new("starting".into()),
                 limits,
             }),
@@ -114,13 +118,30 @@ impl AppState {
             })
     }
 
+    /// The routing core, or 503 while the server is still starting.
+    pub fn routing(&self) -> Result<&Arc<RoutingService>, ApiError> {
+        self.inner
+            .routing
+            .get()
+            .ok_or_else(|| ApiError::Unavailable {
+                detail: format!("semcache is not ready yet ({})", self.phase()),
+                retry_after_s: 5,
+            })
+    }
+
     /// The cell the core appears in, for the other edge (ext_proc) to read.
     pub fn core_cell(&self) -> Arc<OnceLock<Arc<CacheService>>> {
         self.inner.core.clone()
     }
 
-    pub fn set_core(&self, core: Arc<CacheService>, collections: Arc<CollectionService>) {
+    pub fn set_core(
+        &self,
+        core: Arc<CacheService>,
+        collections: Arc<CollectionService>,
+        routing: Arc<RoutingService>,
+    ) {
         let _ = self.inner.collections.set(collections);
+        let _ = self.inner.routing.set(routing);
         let _ = self.inner.core.set(core);
         self.set_phase("ready");
     }
@@ -199,6 +220,14 @@ pub fn router(state: AppState, keys: auth::KeyRing) -> Router {
             post(caches::feedback),
         )
         .route("/v1/embeddings", post(embeddings::create))
+        .route(
+            "/v1/routers/{name}",
+            get(routers::get_router)
+                .put(routers::put_router)
+                .delete(routers::delete_router),
+        )
+        .route("/v1/routers/{name}/route", post(routers::route))
+        .route("/v1/routers/{name}/fit", post(routers::fit))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/openapi.json", get(openapi))

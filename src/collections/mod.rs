@@ -22,7 +22,9 @@ use crate::cache::{now_ms, valid_cache_id};
 use crate::embed::{EmbedError, Embedder};
 use crate::index::{IndexError, IndexParams, Walk};
 use crate::metrics::metrics;
-use crate::store::{CollectionRecord, EntryId, PointId, PointRecord, Store, StoreError};
+use crate::store::{
+    CollectionRecord, EntryId, PointId, PointRecord, Store, StoreError, INTERNAL_PREFIX,
+};
 use crate::vectors::{self, on_every_core, Generation, IndexedSet, SaveWhen, SlotMap};
 pub use filter::Filter;
 use table::{Payload, PointSlot, PointTable};
@@ -193,12 +195,17 @@ impl CollectionService {
             collections: RwLock::new(HashMap::new()),
         };
         let mut records = HashMap::new();
+        let mut internal = HashSet::new();
         for item in service.store.scan_collections() {
             let (name, record) = item?;
-            records.insert(name, record);
+            if name.starts_with(INTERNAL_PREFIX) {
+                internal.insert(name);
+            } else {
+                records.insert(name, record);
+            }
         }
         for owner in service.store.point_owners()? {
-            if !records.contains_key(&owner) {
+            if !records.contains_key(&owner) && !internal.contains(&owner) {
                 // A deletion that crashed midway: finish it.
                 let removed = service.store.remove_orphan_points(&owner)?;
                 tracing::info!(collection = %owner, points = removed, "removed points of a deleted collection");
@@ -320,6 +327,11 @@ impl CollectionService {
     }
 
     pub fn check_name(name: &str) -> Result<()> {
+        if name.starts_with(INTERNAL_PREFIX) {
+            return Err(invalid(format!(
+                "collection names starting with {INTERNAL_PREFIX:?} are reserved"
+            )));
+        }
         if valid_cache_id(name) {
             Ok(())
         } else {

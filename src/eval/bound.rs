@@ -183,7 +183,7 @@ fn questions(args: &BoundArgs) -> anyhow::Result<(Vec<String>, Vec<usize>)> {
 }
 
 /// Embeds through the service's batching queue; vectors are kept on disk by content.
-async fn embed_all(
+pub(super) async fn embed_all(
     embedder: &Embedder,
     texts: &[String],
     cache: &std::path::Path,

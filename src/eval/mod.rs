@@ -9,6 +9,7 @@
 //! nearest candidate, whatever the verifier said.
 
 pub mod bound;
+pub mod router;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;

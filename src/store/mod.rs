@@ -20,7 +20,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
 pub use migrate::FORMAT_VERSION;
-pub use points::{point_key, CollectionRecord, PointId, PointRecord, StoredPoint};
+pub use points::{point_key, CollectionRecord, PointId, PointRecord, StoredPoint, INTERNAL_PREFIX};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -265,6 +265,7 @@ pub struct Store {
     collections: sled::Tree,
     points: sled::Tree,
     point_vectors: sled::Tree,
+    routing: sled::Tree,
 }
 
 impl Store {
@@ -320,6 +321,7 @@ impl Store {
             collections: db.open_tree("collections")?,
             points: db.open_tree("points")?,
             point_vectors: db.open_tree("point_vectors")?,
+            routing: db.open_tree("routing")?,
             db,
         })
     }

@@ -18,6 +18,10 @@ use sled::Transactional;
 
 use super::{vector_from_bytes, vector_to_bytes, EntryId, Store, StoreError};
 
+/// Collections whose names start with this belong to semcache itself (routers' and
+/// guards' examples); the collections API neither lists nor accepts them.
+pub const INTERNAL_PREFIX: &str = "semcache.";
+
 /// A point's id: an unsigned integer or a UUID, as Qdrant's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum PointId {
@@ -256,6 +260,26 @@ impl Store {
             let id = PointId::decode(&key[skip..]).ok_or_else(|| corrupt(&key, "bad point id"))?;
             let record = serde_json::from_slice(&bytes).map_err(|e| corrupt(&key, e))?;
             Ok(StoredPoint { id, record })
+        })
+    }
+
+    /// Routers' and guards' definitions (`routing` tree): name → JSON.
+    pub fn put_routing(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.check_room()?;
+        self.routing.insert(key.as_bytes(), value)?;
+        Ok(())
+    }
+
+    pub fn remove_routing(&self, key: &str) -> Result<(), StoreError> {
+        self.routing.remove(key.as_bytes())?;
+        Ok(())
+    }
+
+    pub fn scan_routing(&self) -> impl Iterator<Item = Result<(String, Vec<u8>), StoreError>> + '_ {
+        self.routing.iter().map(|item| {
+            let (key, value) = item?;
+            let name = String::from_utf8(key.to_vec()).map_err(|e| corrupt(&key, e))?;
+            Ok((name, value.to_vec()))
         })
     }
 

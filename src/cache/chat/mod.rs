@@ -74,8 +74,12 @@ pub struct ChatKey {
     pub fingerprint: String,
 }
 
-/// Derives the cache key; `allow_sampled` is the cache's setting.
-pub fn key(request: &Value, allow_sampled: bool) -> Result<ChatKey, Uncacheable> {
+/// A chat request as an object, its messages, and the text of its last message.
+type Parsed<'a> = (&'a Map<String, Value>, &'a Vec<Value>, String);
+
+/// A chat request's messages and the text of its last message, which must be the
+/// user's (what caching, routing and guards look at).
+fn last_user(request: &Value) -> Result<Parsed<'_>, Uncacheable> {
     let object = request
         .as_object()
         .ok_or_else(|| Uncacheable::Invalid("the body must be a JSON object".into()))?;
@@ -95,6 +99,17 @@ pub fn key(request: &Value, allow_sampled: bool) -> Result<ChatKey, Uncacheable>
     if prompt.trim().is_empty() {
         return Err(Uncacheable::EmptyPrompt);
     }
+    Ok((object, messages, prompt))
+}
+
+/// The last user message of a chat request (`{"messages": [...]}`).
+pub fn last_user_message(request: &Value) -> Result<String, Uncacheable> {
+    last_user(request).map(|(_, _, prompt)| prompt)
+}
+
+/// Derives the cache key; `allow_sampled` is the cache's setting.
+pub fn key(request: &Value, allow_sampled: bool) -> Result<ChatKey, Uncacheable> {
+    let (object, messages, prompt) = last_user(request)?;
     if !allow_sampled {
         if let Some(reason) = sampling(object) {
             return Err(Uncacheable::Sampled(reason));

@@ -1,0 +1,372 @@
+//! How a router scores a prompt against its routes, and how `fit` tunes it.
+//!
+//! A route's score blends the prompt's cosine to the route's nearest utterance with its
+//! cosine to the route's centroid (the normalised mean of its utterances):
+//! `beta · nearest + (1 − beta) · centroid`. The nearest utterance is sharp when a route
+//! has many phrasings; the centroid is steadier when it has few. The best route is taken
+//! when its score reaches the route's threshold and leads the runner-up by at least
+//! `margin`; otherwise the prompt is out of scope (`None`).
+//!
+//! `fit` chooses `beta`, a global threshold and margin, then per-route thresholds, for
+//! the balanced objective: in-scope accuracy plus out-of-scope recall (each in [0, 1]),
+//! so a few out-of-scope examples weigh as much as many in-scope ones.
+
+use serde::{Deserialize, Serialize};
+
+/// Unit vectors of one route.
+#[derive(Debug, Clone)]
+pub struct RouteVectors {
+    pub utterances: Vec<Vec<f32>>,
+    pub centroid: Vec<f32>,
+}
+
+impl RouteVectors {
+    pub fn new(utterances: Vec<Vec<f32>>) -> Self {
+        let dims = utterances.first().map_or(0, Vec::len);
+        let mut centroid = vec![0f32; dims];
+        for u in &utterances {
+            for (c, x) in centroid.iter_mut().zip(u) {
+                *c += x;
+            }
+        }
+        let norm = centroid.iter().map(|x| x * x).sum::<f32>().sqrt();
+        if norm > 0.0 {
+            centroid.iter_mut().for_each(|x| *x /= norm);
+        }
+        Self {
+            utterances,
+            centroid,
+        }
+    }
+}
+
+/// What `fit` tunes (and what a router starts with).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Params {
+    pub beta: f32,
+    pub margin: f32,
+    /// Per route, in route order.
+    pub thresholds: Vec<f32>,
+}
+
+/// One routing decision: the route (or none), its score, and every route's score, best
+/// first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub route: Option<usize>,
+    pub score: f32,
+    pub ranked: Vec<(usize, f32)>,
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    crate::index::dot(a, b)
+}
+
+/// Routes whose utterances are compared one by one; the rest are ranked by centroid.
+const SHORTLIST: usize = 8;
+
+/// Per route: (nearest-utterance cosine, centroid cosine). Every centroid is compared;
+/// only the `SHORTLIST` routes with the closest centroids compare their utterances (the
+/// others get their centroid cosine as the nearest one): a prompt's route and runner-up
+/// are among them, and a router of 150 routes × 100 utterances costs ~1,000 dot
+/// products instead of 15,000.
+pub fn raw_scores(routes: &[RouteVectors], query: &[f32]) -> Vec<(f32, f32)> {
+    let centroids: Vec<f32> = routes.iter().map(|r| dot(&r.centroid, query)).collect();
+    let mut order: Vec<usize> = (0..routes.len()).collect();
+    if routes.len() > SHORTLIST {
+        order.select_nth_unstable_by(SHORTLIST - 1, |a, b| {
+            centroids[*b].total_cmp(&centroids[*a])
+        });
+        order.truncate(SHORTLIST);
+    }
+    let mut raw: Vec<(f32, f32)> = centroids.iter().map(|c| (*c, *c)).collect();
+    for r in order {
+        let nearest = routes[r]
+            .utterances
+            .iter()
+            .map(|u| dot(u, query))
+            .fold(f32::NEG_INFINITY, f32::max);
+        raw[r].0 = nearest;
+    }
+    raw
+}
+
+fn blend(raw: &[(f32, f32)], beta: f32) -> Vec<f32> {
+    raw.iter()
+        .map(|(n, c)| beta * n + (1.0 - beta) * c)
+        .collect()
+}
+
+/// (best route, its score, the runner-up's score).
+fn top_two(scores: &[f32]) -> Option<(usize, f32, f32)> {
+    let mut best: Option<(usize, f32)> = None;
+    let mut second = f32::NEG_INFINITY;
+    for (r, &s) in scores.iter().enumerate() {
+        match best {
+            Some((_, b)) if s <= b => second = second.max(s),
+            Some((_, b)) => {
+                second = b;
+                best = Some((r, s));
+            }
+            None => best = Some((r, s)),
+        }
+    }
+    best.map(|(r, s)| (r, s, second))
+}
+
+fn accept(params: &Params, route: usize, score: f32, second: f32) -> bool {
+    let threshold = params.thresholds.get(route).copied().unwrap_or(1.0);
+    score >= threshold && score - second >= params.margin
+}
+
+pub fn decide(routes: &[RouteVectors], params: &Params, query: &[f32]) -> Decision {
+    let scores = blend(&raw_scores(routes, query), params.beta);
+    let mut ranked: Vec<(usize, f32)> = scores.iter().copied().enumerate().collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let Some((best, score, second)) = top_two(&scores) else {
+        return Decision {
+            route: None,
+            score: 0.0,
+            ranked,
+        };
+    };
+    Decision {
+        route: accept(params, best, score, second).then_some(best),
+        score,
+        ranked,
+    }
+}
+
+/// How well parameters do on labelled examples.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Accuracy {
+    /// Share of all examples answered right (out-of-scope ones by `None`).
+    pub accuracy: f64,
+    /// Share of in-scope examples sent to their route.
+    pub in_scope_accuracy: f64,
+    /// Share of out-of-scope examples answered `None`.
+    pub out_of_scope_recall: f64,
+    /// Of the prompts answered `None`, the share that were out of scope.
+    pub out_of_scope_precision: f64,
+    pub examples: usize,
+}
+
+/// One example as `fit` sees it: its raw scores and its route (`None`: out of scope).
+pub struct Scored {
+    raw: Vec<(f32, f32)>,
+    truth: Option<usize>,
+}
+
+pub fn score_examples(
+    routes: &[RouteVectors],
+    examples: &[(Vec<f32>, Option<usize>)],
+) -> Vec<Scored> {
+    examples
+        .iter()
+        .map(|(v, truth)| Scored {
+            raw: raw_scores(routes, v),
+            truth: *truth,
+        })
+        .collect()
+}
+
+pub fn evaluate(scored: &[Scored], params: &Params) -> Accuracy {
+    let (mut right, mut in_total, mut in_right, mut oos_total, mut oos_right, mut rejected) =
+        (0usize, 0usize, 0usize, 0usize, 0usize, 0usize);
+    for s in scored {
+        let scores = blend(&s.raw, params.beta);
+        let answer = top_two(&scores)
+            .and_then(|(r, score, second)| accept(params, r, score, second).then_some(r));
+        rejected += usize::from(answer.is_none());
+        let ok = answer == s.truth;
+        right += usize::from(ok);
+        match s.truth {
+            Some(_) => {
+                in_total += 1;
+                in_right += usize::from(ok);
+            }
+            None => {
+                oos_total += 1;
+                oos_right += usize::from(ok);
+            }
+        }
+    }
+    let share = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    Accuracy {
+        accuracy: share(right, scored.len()),
+        in_scope_accuracy: share(in_right, in_total),
+        out_of_scope_recall: share(oos_right, oos_total),
+        out_of_scope_precision: share(oos_right, rejected),
+        examples: scored.len(),
+    }
+}
+
+/// The balanced objective `fit` maximises.
+fn objective(a: &Accuracy, has_oos: bool) -> f64 {
+    if has_oos {
+        a.in_scope_accuracy + a.out_of_scope_recall
+    } else {
+        a.in_scope_accuracy
+    }
+}
+
+/// Tunes `beta`, the thresholds and the margin on labelled examples; returns the new
+/// parameters (the old ones if nothing beats them).
+pub fn fit(
+    routes: &[RouteVectors],
+    examples: &[(Vec<f32>, Option<usize>)],
+    current: &Params,
+) -> Params {
+    let scored = score_examples(routes, examples);
+    let has_oos = scored.iter().any(|s| s.truth.is_none());
+    let n = routes.len();
+    let mut best = current.clone();
+    let mut best_value = objective(&evaluate(&scored, current), has_oos);
+    for beta in [0.0f32, 0.25, 0.5, 0.75, 1.0] {
+        // Candidate thresholds: quantiles of the best-route scores.
+        let mut tops: Vec<f32> = scored
+            .iter()
+            .filter_map(|s| top_two(&blend(&s.raw, beta)).map(|(_, score, _)| score))
+            .collect();
+        tops.sort_by(f32::total_cmp);
+        let mut candidates: Vec<f32> = (0..=60)
+            .filter_map(|q| tops.get(q * tops.len().saturating_sub(1) / 60).copied())
+            .collect();
+        candidates.insert(0, -1.0);
+        candidates.dedup();
+        for &t in &candidates {
+            for margin in [0.0f32, 0.01, 0.02, 0.04] {
+                let params = Params {
+                    beta,
+                    margin,
+                    thresholds: vec![t; n],
+                };
+                let value = objective(&evaluate(&scored, &params), has_oos);
+                if value > best_value + 1e-9 {
+                    best_value = value;
+                    best = params;
+                }
+            }
+        }
+    }
+    refine_per_route(&scored, &mut best, has_oos);
+    best
+}
+
+/// Moves each route's threshold where that helps the objective on the examples the
+/// route would take, and only when several examples say so (few examples per route
+/// make per-route thresholds noisy).
+fn refine_per_route(scored: &[Scored], params: &mut Params, has_oos: bool) {
+    let in_total = scored.iter().filter(|s| s.truth.is_some()).count().max(1) as f64;
+    let oos_total = scored.iter().filter(|s| s.truth.is_none()).count().max(1) as f64;
+    let weight = |truth: Option<usize>| {
+        if truth.is_some() {
+            1.0 / in_total
+        } else if has_oos {
+            1.0 / oos_total
+        } else {
+            0.0
+        }
+    };
+    // Per route: (score, runner-up, truth) of the examples it ranks first.
+    let mut by_route: Vec<Vec<(f32, f32, Option<usize>)>> =
+        vec![Vec::new(); params.thresholds.len()];
+    for s in scored {
+        let scores = blend(&s.raw, params.beta);
+        if let Some((r, score, second)) = top_two(&scores) {
+            by_route[r].push((score, second, s.truth));
+        }
+    }
+    for (r, taken) in by_route.iter().enumerate() {
+        if taken.len() < 3 {
+            continue;
+        }
+        let gain = |t: f32| -> f64 {
+            taken
+                .iter()
+                .map(|&(score, second, truth)| {
+                    let answer = (score >= t && score - second >= params.margin).then_some(r);
+                    if answer == truth {
+                        weight(truth)
+                    } else {
+                        0.0
+                    }
+                })
+                .sum()
+        };
+        let current = params.thresholds[r];
+        let mut best = (gain(current), current);
+        for &(score, _, _) in taken {
+            // Just below each score taken, and just above it.
+            for t in [score - 1e-4, score + 1e-4] {
+                let g = gain(t);
+                // Ties go to the threshold nearer the global one.
+                if g > best.0 + 1e-12
+                    || (g > best.0 - 1e-12 && (t - current).abs() < (best.1 - current).abs())
+                {
+                    best = (g, t);
+                }
+            }
+        }
+        params.thresholds[r] = best.1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unit(v: &[f32]) -> Vec<f32> {
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter().map(|x| x / n).collect()
+    }
+
+    fn routes() -> Vec<RouteVectors> {
+        vec![
+            RouteVectors::new(vec![unit(&[1.0, 0.1, 0.0]), unit(&[1.0, -0.1, 0.0])]),
+            RouteVectors::new(vec![unit(&[0.0, 1.0, 0.1]), unit(&[0.1, 1.0, 0.0])]),
+        ]
+    }
+
+    #[test]
+    fn the_nearest_route_wins_and_far_prompts_are_out_of_scope() {
+        let params = Params {
+            beta: 0.5,
+            margin: 0.0,
+            thresholds: vec![0.8, 0.8],
+        };
+        let d = decide(&routes(), &params, &unit(&[1.0, 0.05, 0.0]));
+        assert_eq!(d.route, Some(0));
+        assert_eq!(d.ranked[0].0, 0);
+        assert!(d.score > 0.9);
+        let d = decide(&routes(), &params, &unit(&[0.0, 0.0, 1.0]));
+        assert_eq!(d.route, None, "{d:?}");
+    }
+
+    #[test]
+    fn fit_learns_a_threshold_that_rejects_out_of_scope_examples() {
+        let routes = routes();
+        let examples = vec![
+            (unit(&[1.0, 0.2, 0.3]), Some(0)),
+            (unit(&[0.9, 0.0, 0.4]), Some(0)),
+            (unit(&[0.2, 1.0, 0.3]), Some(1)),
+            (unit(&[0.0, 0.9, 0.4]), Some(1)),
+            (unit(&[0.3, 0.2, 1.0]), None),
+            (unit(&[0.2, 0.3, 1.0]), None),
+        ];
+        let start = Params {
+            beta: 0.5,
+            margin: 0.0,
+            thresholds: vec![-1.0, -1.0],
+        };
+        let scored = score_examples(&routes, &examples);
+        let before = evaluate(&scored, &start);
+        assert_eq!(before.out_of_scope_recall, 0.0);
+        let fitted = fit(&routes, &examples, &start);
+        let after = evaluate(&scored, &fitted);
+        assert_eq!(after.in_scope_accuracy, 1.0, "{fitted:?}");
+        assert_eq!(after.out_of_scope_recall, 1.0, "{fitted:?}");
+        assert_eq!(after.out_of_scope_precision, 1.0);
+    }
+}
