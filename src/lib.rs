@@ -1,9 +1,9 @@
 //! semcache: a semantic cache for AI gateways.
 //!
 //! Layers point one way: the edges [`api`] (HTTP) and [`gateway`] (Envoy ext_proc) → the
-//! cores [`cache`] (scope, exact and semantic lookup, expiry) and [`collections`]
-//! (Qdrant-style points and filtered search) → [`vectors`] (persisted, named HNSW sets,
-//! which both cores are) → the engines [`embed`], [`index`] and [`store`], which know
+//! cores [`cache`] (scope, exact and semantic lookup, expiry), [`collections`]
+//! (Qdrant-style points and filtered search) and [`routing`] (semantic routers) →
+//! [`vectors`] (persisted, named HNSW sets, which caches and collections are) → the engines [`embed`], [`index`] and [`store`], which know
 //! nothing of HTTP or of each other. [`config`] turns flags into each layer's settings;
 //! [`server`] wires them together.
 

@@ -125,8 +125,12 @@ pub async fn route(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct FitRequest {
     examples: Vec<FitExample>,
+    /// Out-of-scope recall to reach on the examples (default 0.6); the fit then
+    /// maximises in-scope accuracy.
+    min_out_of_scope_recall: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -147,6 +151,9 @@ pub async fn fit(
         .into_iter()
         .map(|e| (e.text, e.route))
         .collect();
-    let report = state.routing()?.fit(&name, examples).await?;
+    let report = state
+        .routing()?
+        .fit(&name, examples, body.min_out_of_scope_recall)
+        .await?;
     Ok(Json(serde_json::to_value(report).unwrap_or_default()))
 }

@@ -23,6 +23,9 @@ pub struct RouterArgs {
     pub data: PathBuf,
     #[arg(long)]
     pub model_dir: Option<PathBuf>,
+    /// Out-of-scope recall each fit aims for (then maximising in-scope accuracy).
+    #[arg(long, default_value_t = crate::routing::scorer::DEFAULT_OOS_RECALL)]
+    pub min_oos_recall: f64,
 }
 
 type Pairs = Vec<(String, String)>;
@@ -126,6 +129,8 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
         oos_train.len(),
         embedder.info().model
     );
+    let target = args.min_oos_recall;
+    println!("each fit: best in-scope accuracy at out-of-scope recall >= {target}");
     for per_route in [10usize, 100] {
         let mut utterances: Vec<Vec<Vec<f32>>> = vec![Vec::new(); intents.len()];
         for ((_, intent), v) in train.iter().zip(&train_v) {
@@ -138,11 +143,12 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
         let routes: Vec<RouteVectors> = utterances.into_iter().map(RouteVectors::new).collect();
         let default = Params {
             beta: crate::routing::DEFAULT_BETA,
+            k: 1,
             margin: 0.0,
             thresholds: vec![crate::routing::DEFAULT_THRESHOLD; routes.len()],
         };
         println!("\n{per_route} utterances per route");
-        let scored_all = scorer::score_examples(&routes, &all);
+        let scored_all = scorer::score_examples(&routes, &all, 1);
         show(
             "no fit (defaults), on val + oos_val",
             &scorer::evaluate(&scored_all, &default),
@@ -150,8 +156,8 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
         let started = Instant::now();
         let mut folds = Vec::new();
         for k in 0..2 {
-            let fitted = scorer::fit(&routes, &halves[k], &default);
-            let held = scorer::score_examples(&routes, &halves[1 - k]);
+            let fitted = scorer::fit(&routes, &halves[k], &default, target);
+            let held = scorer::score_examples(&routes, &halves[1 - k], fitted.k);
             folds.push((scorer::evaluate(&held, &fitted), fitted));
         }
         let fit_s = started.elapsed().as_secs_f64() / 2.0;
@@ -165,12 +171,15 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
                 .iter()
                 .fold((f32::MAX, f32::MIN), |(lo, hi), t| (lo.min(*t), hi.max(*t)));
             println!(
-                "    fold {k}: beta {:.2}, margin {:.2}, thresholds {:.3}..{:.3}",
-                p.beta, p.margin, spread.0, spread.1
+                "    fold {k}: beta {:.2}, k {}, margin {:.2}, thresholds {:.3}..{:.3}",
+                p.beta, p.k, p.margin, spread.0, spread.1
             );
         }
-        let fitted = scorer::fit(&routes, &all, &default);
-        let oos = scorer::evaluate(&scorer::score_examples(&routes, &oos_holdout), &fitted);
+        let fitted = scorer::fit(&routes, &all, &default, target);
+        let oos = scorer::evaluate(
+            &scorer::score_examples(&routes, &oos_holdout, fitted.k),
+            &fitted,
+        );
         println!(
             "  fit on all of val + oos_val: out-of-scope recall on oos_train (unseen) {:.1}%",
             100.0 * oos.out_of_scope_recall

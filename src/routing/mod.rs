@@ -114,6 +114,7 @@ pub struct FitReport {
     pub before: Accuracy,
     pub after: Accuracy,
     pub beta: f32,
+    pub k: usize,
     pub margin: f32,
     pub thresholds: HashMap<String, f32>,
 }
@@ -267,6 +268,7 @@ impl RoutingService {
         }
         let params = Params {
             beta: DEFAULT_BETA,
+            k: 1,
             margin: 0.0,
             thresholds: def
                 .routes
@@ -331,6 +333,7 @@ impl RoutingService {
             "fitted": {
                 "atMs": r.fitted_at_ms,
                 "beta": r.params.beta,
+                "k": r.params.k,
                 "margin": r.params.margin,
                 "thresholds": thresholds,
             },
@@ -391,7 +394,12 @@ impl RoutingService {
         &self,
         name: &str,
         examples: Vec<(String, Option<String>)>,
+        min_oos_recall: Option<f64>,
     ) -> Result<FitReport> {
+        let target = min_oos_recall.unwrap_or(scorer::DEFAULT_OOS_RECALL);
+        if !(0.0..=1.0).contains(&target) {
+            return Err(invalid("minOutOfScopeRecall is 0 to 1"));
+        }
         let router = self.get(name)?;
         if examples.is_empty() || examples.len() > self.config.max_utterances {
             return Err(invalid(format!(
@@ -430,10 +438,15 @@ impl RoutingService {
         let current = router.record.params.clone();
         let routes = router.routes.clone();
         let (params, before, after) = tokio::task::spawn_blocking(move || {
-            let scored = scorer::score_examples(&routes, &examples);
-            let before = scorer::evaluate(&scored, &current);
-            let params = scorer::fit(&routes, &examples, &current);
-            let after = scorer::evaluate(&scored, &params);
+            let before = scorer::evaluate(
+                &scorer::score_examples(&routes, &examples, current.k),
+                &current,
+            );
+            let params = scorer::fit(&routes, &examples, &current, target);
+            let after = scorer::evaluate(
+                &scorer::score_examples(&routes, &examples, params.k),
+                &params,
+            );
             (params, before, after)
         })
         .await
@@ -465,6 +478,7 @@ impl RoutingService {
             before,
             after,
             beta: params.beta,
+            k: params.k,
             margin: params.margin,
             thresholds,
         })

@@ -7,9 +7,13 @@
 //! when its score reaches the route's threshold and leads the runner-up by at least
 //! `margin`; otherwise the prompt is out of scope (`None`).
 //!
-//! `fit` chooses `beta`, a global threshold and margin, then per-route thresholds, for
-//! the balanced objective: in-scope accuracy plus out-of-scope recall (each in [0, 1]),
-//! so a few out-of-scope examples weigh as much as many in-scope ones.
+//! "Nearest" is the mean of the route's `k` closest utterances (k = 1: the closest one).
+//!
+//! `fit` chooses `beta`, `k`, a global threshold and margin, then per-route thresholds,
+//! for the best in-scope accuracy whose out-of-scope recall reaches a target (0.6 unless
+//! the caller says): rejecting more out-of-scope prompts always costs some in-scope ones,
+//! and the target says how many are worth it. Without out-of-scope examples it maximises
+//! in-scope accuracy.
 
 use serde::{Deserialize, Serialize};
 
@@ -44,6 +48,9 @@ impl RouteVectors {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Params {
     pub beta: f32,
+    /// How many of a route's closest utterances "nearest" averages.
+    #[serde(default = "one")]
+    pub k: usize,
     pub margin: f32,
     /// Per route, in route order.
     pub thresholds: Vec<f32>,
@@ -58,6 +65,10 @@ pub struct Decision {
     pub ranked: Vec<(usize, f32)>,
 }
 
+fn one() -> usize {
+    1
+}
+
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     crate::index::dot(a, b)
 }
@@ -70,7 +81,7 @@ const SHORTLIST: usize = 8;
 /// others get their centroid cosine as the nearest one): a prompt's route and runner-up
 /// are among them, and a router of 150 routes × 100 utterances costs ~1,000 dot
 /// products instead of 15,000.
-pub fn raw_scores(routes: &[RouteVectors], query: &[f32]) -> Vec<(f32, f32)> {
+pub fn raw_scores(routes: &[RouteVectors], query: &[f32], k: usize) -> Vec<(f32, f32)> {
     let centroids: Vec<f32> = routes.iter().map(|r| dot(&r.centroid, query)).collect();
     let mut order: Vec<usize> = (0..routes.len()).collect();
     if routes.len() > SHORTLIST {
@@ -80,13 +91,17 @@ pub fn raw_scores(routes: &[RouteVectors], query: &[f32]) -> Vec<(f32, f32)> {
         order.truncate(SHORTLIST);
     }
     let mut raw: Vec<(f32, f32)> = centroids.iter().map(|c| (*c, *c)).collect();
+    let mut sims = Vec::new();
     for r in order {
-        let nearest = routes[r]
-            .utterances
-            .iter()
-            .map(|u| dot(u, query))
-            .fold(f32::NEG_INFINITY, f32::max);
-        raw[r].0 = nearest;
+        sims.clear();
+        sims.extend(routes[r].utterances.iter().map(|u| dot(u, query)));
+        let k = k.clamp(1, sims.len().max(1));
+        if sims.len() > k {
+            sims.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+        }
+        if !sims.is_empty() {
+            raw[r].0 = sims[..k].iter().sum::<f32>() / k as f32;
+        }
     }
     raw
 }
@@ -120,7 +135,7 @@ fn accept(params: &Params, route: usize, score: f32, second: f32) -> bool {
 }
 
 pub fn decide(routes: &[RouteVectors], params: &Params, query: &[f32]) -> Decision {
-    let scores = blend(&raw_scores(routes, query), params.beta);
+    let scores = blend(&raw_scores(routes, query, params.k), params.beta);
     let mut ranked: Vec<(usize, f32)> = scores.iter().copied().enumerate().collect();
     ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
     let Some((best, score, second)) = top_two(&scores) else {
@@ -161,11 +176,12 @@ pub struct Scored {
 pub fn score_examples(
     routes: &[RouteVectors],
     examples: &[(Vec<f32>, Option<usize>)],
+    k: usize,
 ) -> Vec<Scored> {
     examples
         .iter()
         .map(|(v, truth)| Scored {
-            raw: raw_scores(routes, v),
+            raw: raw_scores(routes, v, k),
             truth: *truth,
         })
         .collect()
@@ -202,73 +218,90 @@ pub fn evaluate(scored: &[Scored], params: &Params) -> Accuracy {
     }
 }
 
-/// The balanced objective `fit` maximises.
-fn objective(a: &Accuracy, has_oos: bool) -> f64 {
-    if has_oos {
-        a.in_scope_accuracy + a.out_of_scope_recall
+/// Out-of-scope recall `fit` aims for when the caller names none.
+pub const DEFAULT_OOS_RECALL: f64 = 0.6;
+
+/// What `fit` maximises: in-scope accuracy once out-of-scope recall reaches the
+/// target; below it, how far it falls short (so the search still climbs towards it).
+fn objective(in_acc: f64, oos_recall: f64, has_oos: bool, target: f64) -> f64 {
+    if !has_oos {
+        in_acc
+    } else if oos_recall + 1e-9 >= target {
+        1.0 + in_acc
     } else {
-        a.in_scope_accuracy
+        oos_recall - target + in_acc * 1e-3
     }
 }
 
-/// Tunes `beta`, the thresholds and the margin on labelled examples; returns the new
-/// parameters (the old ones if nothing beats them).
+fn value(a: &Accuracy, has_oos: bool, target: f64) -> f64 {
+    objective(a.in_scope_accuracy, a.out_of_scope_recall, has_oos, target)
+}
+
+/// Tunes `beta`, `k`, the thresholds and the margin on labelled examples for the best
+/// in-scope accuracy at out-of-scope recall ≥ `target`; returns the new parameters
+/// (the old ones if nothing beats them).
 pub fn fit(
     routes: &[RouteVectors],
     examples: &[(Vec<f32>, Option<usize>)],
     current: &Params,
+    target: f64,
 ) -> Params {
-    let scored = score_examples(routes, examples);
-    let has_oos = scored.iter().any(|s| s.truth.is_none());
+    let has_oos = examples.iter().any(|(_, t)| t.is_none());
     let n = routes.len();
     let mut best = current.clone();
-    let mut best_value = objective(&evaluate(&scored, current), has_oos);
-    for beta in [0.0f32, 0.25, 0.5, 0.75, 1.0] {
-        // Candidate thresholds: quantiles of the best-route scores.
-        let mut tops: Vec<f32> = scored
-            .iter()
-            .filter_map(|s| top_two(&blend(&s.raw, beta)).map(|(_, score, _)| score))
-            .collect();
-        tops.sort_by(f32::total_cmp);
-        let mut candidates: Vec<f32> = (0..=60)
-            .filter_map(|q| tops.get(q * tops.len().saturating_sub(1) / 60).copied())
-            .collect();
-        candidates.insert(0, -1.0);
-        candidates.dedup();
-        for &t in &candidates {
-            for margin in [0.0f32, 0.01, 0.02, 0.04] {
-                let params = Params {
-                    beta,
-                    margin,
-                    thresholds: vec![t; n],
-                };
-                let value = objective(&evaluate(&scored, &params), has_oos);
-                if value > best_value + 1e-9 {
-                    best_value = value;
-                    best = params;
+    let mut best_value = value(
+        &evaluate(&score_examples(routes, examples, current.k), current),
+        has_oos,
+        target,
+    );
+    let mut best_scored = None;
+    for k in [1usize, 3] {
+        let scored = score_examples(routes, examples, k);
+        let mut improved = false;
+        for beta in [0.0f32, 0.25, 0.5, 0.75, 1.0] {
+            // Candidate thresholds: quantiles of the best-route scores.
+            let mut tops: Vec<f32> = scored
+                .iter()
+                .filter_map(|s| top_two(&blend(&s.raw, beta)).map(|(_, score, _)| score))
+                .collect();
+            tops.sort_by(f32::total_cmp);
+            let mut candidates: Vec<f32> = (0..=80)
+                .filter_map(|q| tops.get(q * tops.len().saturating_sub(1) / 80).copied())
+                .collect();
+            candidates.insert(0, -1.0);
+            candidates.dedup();
+            for &t in &candidates {
+                for margin in [0.0f32, 0.01, 0.02, 0.04] {
+                    let params = Params {
+                        beta,
+                        k,
+                        margin,
+                        thresholds: vec![t; n],
+                    };
+                    let v = value(&evaluate(&scored, &params), has_oos, target);
+                    if v > best_value + 1e-9 {
+                        best_value = v;
+                        best = params;
+                        improved = true;
+                    }
                 }
             }
         }
+        if improved {
+            best_scored = Some(scored);
+        }
     }
-    refine_per_route(&scored, &mut best, has_oos);
+    let scored = best_scored.unwrap_or_else(|| score_examples(routes, examples, best.k));
+    refine_per_route(&scored, &mut best, has_oos, target);
     best
 }
 
-/// Moves each route's threshold where that helps the objective on the examples the
-/// route would take, and only when several examples say so (few examples per route
-/// make per-route thresholds noisy).
-fn refine_per_route(scored: &[Scored], params: &mut Params, has_oos: bool) {
+/// Moves each route's threshold where that raises the objective, counting only the
+/// examples the route ranks first (what its threshold decides), and only for routes
+/// that rank several examples first (few examples make per-route thresholds noisy).
+fn refine_per_route(scored: &[Scored], params: &mut Params, has_oos: bool, target: f64) {
     let in_total = scored.iter().filter(|s| s.truth.is_some()).count().max(1) as f64;
     let oos_total = scored.iter().filter(|s| s.truth.is_none()).count().max(1) as f64;
-    let weight = |truth: Option<usize>| {
-        if truth.is_some() {
-            1.0 / in_total
-        } else if has_oos {
-            1.0 / oos_total
-        } else {
-            0.0
-        }
-    };
     // Per route: (score, runner-up, truth) of the examples it ranks first.
     let mut by_route: Vec<Vec<(f32, f32, Option<usize>)>> =
         vec![Vec::new(); params.thresholds.len()];
@@ -278,37 +311,55 @@ fn refine_per_route(scored: &[Scored], params: &mut Params, has_oos: bool) {
             by_route[r].push((score, second, s.truth));
         }
     }
+    let now = evaluate(scored, params);
+    let (mut in_right, mut oos_right) = (
+        now.in_scope_accuracy * in_total,
+        now.out_of_scope_recall * oos_total,
+    );
+    let margin = params.margin;
     for (r, taken) in by_route.iter().enumerate() {
         if taken.len() < 3 {
             continue;
         }
-        let gain = |t: f32| -> f64 {
+        // (in-scope right, out-of-scope right) among `taken` at threshold t.
+        let counts = |t: f32| -> (f64, f64) {
             taken
                 .iter()
-                .map(|&(score, second, truth)| {
-                    let answer = (score >= t && score - second >= params.margin).then_some(r);
-                    if answer == truth {
-                        weight(truth)
-                    } else {
-                        0.0
+                .fold((0.0, 0.0), |(i, o), &(score, second, truth)| {
+                    let answer = (score >= t && score - second >= margin).then_some(r);
+                    match (truth, answer == truth) {
+                        (Some(_), true) => (i + 1.0, o),
+                        (None, true) => (i, o + 1.0),
+                        _ => (i, o),
                     }
                 })
-                .sum()
         };
         let current = params.thresholds[r];
-        let mut best = (gain(current), current);
+        let (ci, co) = counts(current);
+        let score_of = |t: f32| {
+            let (i, o) = counts(t);
+            objective(
+                (in_right - ci + i) / in_total,
+                (oos_right - co + o) / oos_total,
+                has_oos,
+                target,
+            )
+        };
+        let mut best = (score_of(current), current);
         for &(score, _, _) in taken {
-            // Just below each score taken, and just above it.
             for t in [score - 1e-4, score + 1e-4] {
-                let g = gain(t);
+                let v = score_of(t);
                 // Ties go to the threshold nearer the global one.
-                if g > best.0 + 1e-12
-                    || (g > best.0 - 1e-12 && (t - current).abs() < (best.1 - current).abs())
+                if v > best.0 + 1e-12
+                    || (v > best.0 - 1e-12 && (t - current).abs() < (best.1 - current).abs())
                 {
-                    best = (g, t);
+                    best = (v, t);
                 }
             }
         }
+        let (i, o) = counts(best.1);
+        in_right += i - ci;
+        oos_right += o - co;
         params.thresholds[r] = best.1;
     }
 }
@@ -333,6 +384,7 @@ mod tests {
     fn the_nearest_route_wins_and_far_prompts_are_out_of_scope() {
         let params = Params {
             beta: 0.5,
+            k: 1,
             margin: 0.0,
             thresholds: vec![0.8, 0.8],
         };
@@ -357,14 +409,14 @@ mod tests {
         ];
         let start = Params {
             beta: 0.5,
+            k: 1,
             margin: 0.0,
             thresholds: vec![-1.0, -1.0],
         };
-        let scored = score_examples(&routes, &examples);
-        let before = evaluate(&scored, &start);
+        let before = evaluate(&score_examples(&routes, &examples, 1), &start);
         assert_eq!(before.out_of_scope_recall, 0.0);
-        let fitted = fit(&routes, &examples, &start);
-        let after = evaluate(&scored, &fitted);
+        let fitted = fit(&routes, &examples, &start, 1.0);
+        let after = evaluate(&score_examples(&routes, &examples, fitted.k), &fitted);
         assert_eq!(after.in_scope_accuracy, 1.0, "{fitted:?}");
         assert_eq!(after.out_of_scope_recall, 1.0, "{fitted:?}");
         assert_eq!(after.out_of_scope_precision, 1.0);
