@@ -199,7 +199,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
     let collection_writes = IntCounterVec::new(
         Opts::new(
             "semcache_collection_writes_total",
-            "Points written to collections, by operation (upsert, delete)",
+            "Points written to collections, by operation (upsert, delete, payload)",
         ),
         &["operation"],
     )?;

@@ -882,66 +882,40 @@ fn query_vector(
     parse_vector(query, "query")
 }
 
-async fn run_query(
+/// The two search routes: `query` (a `query` of several forms, results under
+/// `points`) and the older `search` (a `vector`, results as a list).
+#[derive(Clone, Copy)]
+enum Api {
+    Query,
+    Search,
+}
+
+async fn run(
     core: &CollectionService,
     name: &str,
     body: &Value,
+    api: Api,
 ) -> Result<Value, QdrantError> {
-    refuse_unsupported(body, &["prefetch", "lookup_from"])?;
-    if let Some(using) = field(body, "using") {
-        if using.as_str() != Some("") {
-            return Err(QdrantError::bad(
-                "named vectors (`using`) are not supported",
-            ));
-        }
-    }
     let mut filter = filter_field(body, "filter")?;
-    let query = field(body, "query").ok_or_else(|| QdrantError::bad("`query` is required"))?;
-    let vector = query_vector(core, name, query, &mut filter)?;
-    let spec = search_spec(body, vector, filter)?;
-    let payload = payload_select(body, false)?;
-    let vector = with_vector(body)?;
-    let found = core.search(name, spec).await?;
-    let points = found
-        .iter()
-        .map(|p| point_json(core, name, p, &payload, vector))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(json!({"points": points}))
-}
-
-async fn query(State(state): State<AppState>, Path(name): Path<String>, body: Bytes) -> Answer {
-    let started = Instant::now();
-    let body = parse_body(&body)?;
-    let result = run_query(core(&state)?, &name, &body).await?;
-    ok(result, started)
-}
-
-async fn query_batch(
-    State(state): State<AppState>,
-    Path(name): Path<String>,
-    body: Bytes,
-) -> Answer {
-    let started = Instant::now();
-    let body = parse_body(&body)?;
-    let searches = field(&body, "searches")
-        .and_then(Value::as_array)
-        .ok_or_else(|| QdrantError::bad("`searches` must be a list"))?;
-    let core = core(&state)?;
-    let mut out = Vec::with_capacity(searches.len());
-    for one in searches {
-        out.push(run_query(core, &name, one).await?);
-    }
-    ok(Value::Array(out), started)
-}
-
-async fn run_search(
-    core: &CollectionService,
-    name: &str,
-    body: &Value,
-) -> Result<Value, QdrantError> {
-    let vector = field(body, "vector").ok_or_else(|| QdrantError::bad("`vector` is required"))?;
-    let vector = parse_vector(vector, "vector")?;
-    let filter = filter_field(body, "filter")?;
+    let vector = match api {
+        Api::Query => {
+            refuse_unsupported(body, &["prefetch", "lookup_from"])?;
+            if let Some(using) = field(body, "using") {
+                if using.as_str() != Some("") {
+                    return Err(QdrantError::bad(
+                        "named vectors (`using`) are not supported",
+                    ));
+                }
+            }
+            let query =
+                field(body, "query").ok_or_else(|| QdrantError::bad("`query` is required"))?;
+            query_vector(core, name, query, &mut filter)?
+        }
+        Api::Search => parse_vector(
+            field(body, "vector").ok_or_else(|| QdrantError::bad("`vector` is required"))?,
+            "vector",
+        )?,
+    };
     let spec = search_spec(body, vector, filter)?;
     let payload = payload_select(body, false)?;
     let with = with_vector(body)?;
@@ -950,21 +924,21 @@ async fn run_search(
         .iter()
         .map(|p| point_json(core, name, p, &payload, with))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Value::Array(points))
+    Ok(match api {
+        Api::Query => json!({"points": points}),
+        Api::Search => Value::Array(points),
+    })
 }
 
-async fn search(State(state): State<AppState>, Path(name): Path<String>, body: Bytes) -> Answer {
+async fn one(state: AppState, name: String, body: Bytes, api: Api) -> Answer {
     let started = Instant::now();
     let body = parse_body(&body)?;
-    let result = run_search(core(&state)?, &name, &body).await?;
+    let result = run(core(&state)?, &name, &body, api).await?;
     ok(result, started)
 }
 
-async fn search_batch(
-    State(state): State<AppState>,
-    Path(name): Path<String>,
-    body: Bytes,
-) -> Answer {
+/// `…/batch`: `{"searches": [request, …]}`, answered in order.
+async fn many(state: AppState, name: String, body: Bytes, api: Api) -> Answer {
     let started = Instant::now();
     let body = parse_body(&body)?;
     let searches = field(&body, "searches")
@@ -972,8 +946,32 @@ async fn search_batch(
         .ok_or_else(|| QdrantError::bad("`searches` must be a list"))?;
     let core = core(&state)?;
     let mut out = Vec::with_capacity(searches.len());
-    for one in searches {
-        out.push(run_search(core, &name, one).await?);
+    for request in searches {
+        out.push(run(core, &name, request, api).await?);
     }
     ok(Value::Array(out), started)
+}
+
+async fn query(State(state): State<AppState>, Path(name): Path<String>, body: Bytes) -> Answer {
+    one(state, name, body, Api::Query).await
+}
+
+async fn query_batch(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Answer {
+    many(state, name, body, Api::Query).await
+}
+
+async fn search(State(state): State<AppState>, Path(name): Path<String>, body: Bytes) -> Answer {
+    one(state, name, body, Api::Search).await
+}
+
+async fn search_batch(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Answer {
+    many(state, name, body, Api::Search).await
 }

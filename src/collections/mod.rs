@@ -151,6 +151,7 @@ pub struct CollectionInfo {
 }
 
 struct Collection {
+    name: String,
     record: RwLock<CollectionRecord>,
     set: IndexedSet<PointTable>,
     /// Writers take turns: the store's order and the table's always agree on which
@@ -233,6 +234,7 @@ impl CollectionService {
             let (generation, from_saved) = loaded?;
             total += generation.read().live();
             let collection = Collection {
+                name: name.clone(),
                 set: IndexedSet::new(record.size, service.config.index),
                 record: RwLock::new(record),
                 writes: Mutex::new(()),
@@ -375,6 +377,7 @@ impl CollectionService {
             map.insert(
                 name.to_string(),
                 Arc::new(Collection {
+                    name: name.to_string(),
                     set: IndexedSet::new(size, self.config.index),
                     record: RwLock::new(record),
                     writes: Mutex::new(()),
@@ -595,32 +598,47 @@ impl CollectionService {
             })
             .collect();
         let count = rows.len();
-        let _gate = collection.set.gate.read().await;
-        let store = self.store.clone();
-        let owned = name.to_string();
-        let target = collection.clone();
-        tokio::task::spawn_blocking(move || -> Result<()> {
-            let _turn = target.writes.lock().unwrap_or_else(|p| p.into_inner());
-            store.upsert_points(&owned, &rows)?;
+        self.write(name, &collection, wait, "upsert", move |store, target| {
+            store.upsert_points(&target.name, &rows)?;
             let generation = target.set.generation();
             for (id, record, vector) in rows {
                 let slot = PointSlot::new(id, record.version, Arc::new(record.payload));
                 register(&generation, slot, &vector)?;
             }
-            Ok(())
+            Ok(count)
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Runs a write on a blocking thread with the collection's writers taking turns and
+    /// its gate held shared, then makes it durable if asked, and counts it.
+    async fn write(
+        &self,
+        name: &str,
+        collection: &Arc<Collection>,
+        wait: bool,
+        operation: &str,
+        work: impl FnOnce(&Store, &Collection) -> Result<usize> + Send + 'static,
+    ) -> Result<usize> {
+        let gate = collection.set.gate.read().await;
+        let (store, target) = (self.store.clone(), collection.clone());
+        let written = tokio::task::spawn_blocking(move || {
+            let _turn = target.writes.lock().unwrap_or_else(|p| p.into_inner());
+            work(&store, &target)
         })
         .await
         .map_err(|e| CollectionError::Internal(e.to_string()))??;
-        drop(_gate);
+        drop(gate);
         if wait {
             self.store.flush().await?;
         }
         metrics()
             .collection_writes
-            .with_label_values(&["upsert"])
-            .inc_by(count as u64);
-        self.publish_gauges(name, &collection);
-        Ok(())
+            .with_label_values(&[operation])
+            .inc_by(written as u64);
+        self.publish_gauges(name, collection);
+        Ok(written)
     }
 
     /// The ids a selector names that exist now.
@@ -646,16 +664,11 @@ impl CollectionService {
         if let Selector::Ids(ids) = &selector {
             self.check_batch(ids.len())?;
         }
-        let _gate = collection.set.gate.read().await;
-        let store = self.store.clone();
-        let owned = name.to_string();
-        let target = collection.clone();
         let ids = self.select(&collection, &selector);
-        let removed = tokio::task::spawn_blocking(move || -> Result<usize> {
-            let _turn = target.writes.lock().unwrap_or_else(|p| p.into_inner());
+        self.write(name, &collection, wait, "delete", move |store, target| {
             let mut removed = 0;
             for chunk in ids.chunks(1000) {
-                removed += store.remove_points(&owned, chunk)?;
+                removed += store.remove_points(&target.name, chunk)?;
                 let generation = target.set.generation();
                 let mut table = generation.write();
                 for id in chunk {
@@ -665,17 +678,6 @@ impl CollectionService {
             Ok(removed)
         })
         .await
-        .map_err(|e| CollectionError::Internal(e.to_string()))??;
-        drop(_gate);
-        if wait {
-            self.store.flush().await?;
-        }
-        metrics()
-            .collection_writes
-            .with_label_values(&["delete"])
-            .inc_by(removed as u64);
-        self.publish_gauges(name, &collection);
-        Ok(removed)
     }
 
     /// Changes payloads: `Set` merges `payload` in, `Overwrite` replaces it, and
@@ -694,14 +696,9 @@ impl CollectionService {
             self.check_batch(ids.len())?;
         }
         self.check_payload(&payload)?;
-        let _gate = collection.set.gate.read().await;
         let ids = self.select(&collection, &selector);
         let max_payload = self.config.max_payload_bytes;
-        let store = self.store.clone();
-        let owned = name.to_string();
-        let target = collection.clone();
-        let changed = tokio::task::spawn_blocking(move || -> Result<usize> {
-            let _turn = target.writes.lock().unwrap_or_else(|p| p.into_inner());
+        self.write(name, &collection, wait, "payload", move |store, target| {
             let generation = target.set.generation();
             let mut records = Vec::with_capacity(ids.len());
             {
@@ -725,7 +722,7 @@ impl CollectionService {
                     records.push((*id, PointRecord { version: slot.version, payload: next }));
                 }
             }
-            store.put_point_records(&owned, &records)?;
+            store.put_point_records(&target.name, &records)?;
             let mut table = generation.write();
             for (id, record) in &records {
                 table.set_payload(id, Arc::new(record.payload.clone()));
@@ -733,12 +730,6 @@ impl CollectionService {
             Ok(records.len())
         })
         .await
-        .map_err(|e| CollectionError::Internal(e.to_string()))??;
-        drop(_gate);
-        if wait {
-            self.store.flush().await?;
-        }
-        Ok(changed)
     }
 
     /// Points by id (those that exist), in the order asked.
