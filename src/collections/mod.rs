@@ -458,31 +458,31 @@ impl CollectionService {
                 SCHEMAS.join(", ")
             )));
         }
-        let collection = self.get(name)?;
-        let _gate = collection.set.gate.read().await;
-        let record = {
-            let mut record = collection.record.write().unwrap_or_else(|p| p.into_inner());
-            record
-                .payload_indexes
-                .insert(field.to_string(), schema.to_string());
-            record.clone()
-        };
-        self.store.put_collection(name, &record)?;
-        let generation = collection.set.generation();
-        generation
-            .write()
-            .set_index_fields(&indexed_fields(&record));
-        drop(_gate);
-        self.store.flush().await?;
-        Ok(())
+        self.change_indexes(name, |indexes| {
+            indexes.insert(field.to_string(), schema.to_string());
+        })
+        .await
     }
 
     pub async fn delete_field_index(&self, name: &str, field: &str) -> Result<()> {
+        self.change_indexes(name, |indexes| {
+            indexes.remove(field);
+        })
+        .await
+    }
+
+    /// Changes a collection's payload indexes: stored, then the live table's postings
+    /// rebuilt (under the gate, so a rebuild's swap cannot lose them).
+    async fn change_indexes(
+        &self,
+        name: &str,
+        change: impl FnOnce(&mut std::collections::BTreeMap<String, String>),
+    ) -> Result<()> {
         let collection = self.get(name)?;
-        let _gate = collection.set.gate.read().await;
+        let gate = collection.set.gate.read().await;
         let record = {
             let mut record = collection.record.write().unwrap_or_else(|p| p.into_inner());
-            record.payload_indexes.remove(field);
+            change(&mut record.payload_indexes);
             record.clone()
         };
         self.store.put_collection(name, &record)?;
@@ -490,7 +490,7 @@ impl CollectionService {
         generation
             .write()
             .set_index_fields(&indexed_fields(&record));
-        drop(_gate);
+        drop(gate);
         self.store.flush().await?;
         Ok(())
     }
