@@ -144,11 +144,15 @@ fn parse_key(value: Option<&Value>) -> Result<Vec<String>, String> {
     if key.is_empty() {
         return Err("a condition's `key` is empty".into());
     }
-    // `a.b[].c`: arrays are searched wherever they occur, so `[]` adds nothing here.
-    Ok(key
-        .split('.')
+    Ok(key_path(key))
+}
+
+/// A dotted payload key as path segments. `a.b[].c`: arrays are searched wherever they
+/// occur, so `[]` adds nothing.
+pub(crate) fn key_path(key: &str) -> Vec<String> {
+    key.split('.')
         .map(|s| s.trim_end_matches("[]").to_string())
-        .collect())
+        .collect()
 }
 
 fn parse_condition(value: &Value, depth: usize) -> Result<Condition, String> {

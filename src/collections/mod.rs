@@ -299,10 +299,6 @@ impl CollectionService {
         Ok((generation, from_saved))
     }
 
-    pub fn embedder(&self) -> &Embedder {
-        &self.embedder
-    }
-
     fn read_map(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Collection>>> {
         self.collections.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -796,16 +792,6 @@ impl CollectionService {
                 .filter(|s| f.matches(&s.id, &s.payload))
                 .count(),
         })
-    }
-
-    /// The collection's size, for callers that must check a vector before anything else.
-    pub fn size(&self, name: &str) -> Result<usize> {
-        Ok(self
-            .get(name)?
-            .record
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .size)
     }
 
     /// Nearest points to the query, best first. The walk is chosen by how many points

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde_json::{Map, Value};
 
-use super::filter::{values_at, Condition, Filter, Matcher};
+use super::filter::{key_path, values_at, Condition, Filter, Matcher};
 
 /// Field schemas with postings; the others are recorded but scanned.
 pub const INDEXED_SCHEMAS: &[&str] = &["keyword", "integer", "bool", "uuid"];
@@ -73,10 +73,7 @@ impl PayloadIndexes {
         self.fields = fields
             .iter()
             .map(|f| {
-                let path = f
-                    .split('.')
-                    .map(|s| s.trim_end_matches("[]").to_string())
-                    .collect();
+                let path = key_path(f);
                 (
                     f.clone(),
                     FieldIndex {

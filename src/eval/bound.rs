@@ -182,8 +182,39 @@ fn questions(args: &BoundArgs) -> anyhow::Result<(Vec<String>, Vec<usize>)> {
     Ok((texts, group))
 }
 
+/// The default model behind its batching queue, with vectors kept on disk by content:
+/// what every evaluation embeds its texts with.
+pub(super) struct EvalEmbedder {
+    runtime: tokio::runtime::Runtime,
+    pub embedder: Embedder,
+    cache: PathBuf,
+}
+
+impl EvalEmbedder {
+    pub fn start(model_dir: Option<PathBuf>) -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        let embedder = {
+            let _entered = runtime.enter();
+            default_embedder(model_dir)?
+        };
+        let cache = crate::embed::provision::cache_root().join("eval-vectors");
+        Ok(Self {
+            runtime,
+            embedder,
+            cache,
+        })
+    }
+
+    pub fn embed(&self, texts: &[String]) -> anyhow::Result<Vec<Vec<f32>>> {
+        self.runtime
+            .block_on(embed_all(&self.embedder, texts, &self.cache))
+    }
+}
+
 /// Embeds through the service's batching queue; vectors are kept on disk by content.
-pub(super) async fn embed_all(
+async fn embed_all(
     embedder: &Embedder,
     texts: &[String],
     cache: &std::path::Path,
@@ -344,13 +375,8 @@ fn run(stream: &Stream, policy: &Policy, seed: u64, observed: &mut Vec<Observati
 pub fn run_eval(args: BoundArgs) -> anyhow::Result<()> {
     let (texts, group) = questions(&args)?;
     let groups = group.iter().max().map_or(0, |g| g + 1);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let _entered = runtime.enter();
-    let embedder = default_embedder(args.model_dir.clone())?;
-    let cache = crate::embed::provision::cache_root().join("eval-vectors");
-    let vectors = runtime.block_on(embed_all(&embedder, &texts, &cache))?;
+    let embedder = EvalEmbedder::start(args.model_dir.clone())?;
+    let vectors = embedder.embed(&texts)?;
     let answers = match &args.gptcache {
         Some(path) => {
             let pairs: Vec<ParaphrasePair> = serde_json::from_str(
@@ -361,7 +387,7 @@ pub fn run_eval(args: BoundArgs) -> anyhow::Result<()> {
                 .iter()
                 .flat_map(|p| [p.origin.clone(), p.similar.clone()])
                 .collect();
-            let vectors = runtime.block_on(embed_all(&embedder, &texts, &cache))?;
+            let vectors = embedder.embed(&texts)?;
             let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
             let pair_of_group = (0..groups).map(|_| rng.gen_range(0..pairs.len())).collect();
             report_answer_noise(&texts, &vectors);

@@ -12,8 +12,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 
-use super::bound::embed_all;
-use super::default_embedder;
+use super::bound::EvalEmbedder;
 use crate::routing::scorer::{self, Accuracy, Params, RouteVectors};
 
 #[derive(Debug, clap::Args)]
@@ -85,15 +84,10 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
         .map(|(n, i)| (i.as_str(), n))
         .collect();
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let _entered = runtime.enter();
-    let embedder = default_embedder(args.model_dir.clone())?;
-    let cache = crate::embed::provision::cache_root().join("eval-vectors");
+    let vectors = EvalEmbedder::start(args.model_dir.clone())?;
     let embed = |pairs: &Pairs| -> anyhow::Result<Vec<Vec<f32>>> {
         let texts: Vec<String> = pairs.iter().map(|(t, _)| t.clone()).collect();
-        runtime.block_on(embed_all(&embedder, &texts, &cache))
+        vectors.embed(&texts)
     };
     let (train_v, val_v, oos_train_v, oos_val_v) = (
         embed(&train)?,
@@ -127,7 +121,7 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
         val.len(),
         oos_val.len(),
         oos_train.len(),
-        embedder.info().model
+        vectors.embedder.info().model
     );
     let target = args.min_oos_recall;
     println!("each fit: best in-scope accuracy at out-of-scope recall >= {target}");

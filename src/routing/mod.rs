@@ -68,7 +68,9 @@ struct RouterRecord {
 
 struct Router {
     record: RouterRecord,
-    routes: Vec<RouteVectors>,
+    /// Shared with fits running on a blocking thread (a large router's vectors are
+    /// tens of MB; they are never copied).
+    routes: Arc<Vec<RouteVectors>>,
 }
 
 /// Limits on router definitions.
@@ -166,7 +168,7 @@ impl RoutingService {
                     }
                 }
             }
-            let routes = vectors.into_iter().map(RouteVectors::new).collect();
+            let routes = Arc::new(vectors.into_iter().map(RouteVectors::new).collect());
             loaded.insert(name.to_string(), Arc::new(Router { record, routes }));
         }
         tracing::info!(routers = loaded.len(), "routers loaded");
@@ -306,7 +308,7 @@ impl RoutingService {
         .await
         .map_err(|e| invalid(e.to_string()))??;
         self.store.flush().await?;
-        let routes = per_route.into_iter().map(RouteVectors::new).collect();
+        let routes = Arc::new(per_route.into_iter().map(RouteVectors::new).collect());
         self.routers
             .write()
             .unwrap_or_else(|p| p.into_inner())

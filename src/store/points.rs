@@ -282,18 +282,6 @@ impl Store {
             Ok((name, value.to_vec()))
         })
     }
-
-    /// Bytes of a collection's points on disk (records and vectors, before sled's own
-    /// overhead).
-    pub fn points_bytes(&self, name: &str) -> u64 {
-        let sum = |tree: &sled::Tree| -> u64 {
-            tree.scan_prefix(prefix(name))
-                .flatten()
-                .map(|(k, v)| (k.len() + v.len()) as u64)
-                .sum()
-        };
-        sum(&self.points) + sum(&self.point_vectors)
-    }
 }
 
 #[cfg(test)]
