@@ -37,6 +37,8 @@ pub enum Command {
     EvalBound(crate::eval::bound::BoundArgs),
     /// Measure the router's scorer on CLINC150: in-scope accuracy, out-of-scope recall.
     EvalRouter(crate::eval::router::RouterArgs),
+    /// Measure a guard on labelled attacks and benign prompts: blocks per threshold.
+    EvalGuard(crate::eval::guard::GuardArgs),
     /// Manage the embedding model.
     Model {
         #[command(subcommand)]
@@ -162,6 +164,11 @@ pub struct ServeArgs {
     /// Largest response accepted, in bytes (400 beyond).
     #[arg(long, env = "SEMCACHE_MAX_RESPONSE_BYTES", default_value_t = 512 * 1024)]
     pub max_response_bytes: usize,
+    /// Windows of the model (256 tokens each, overlapping) a guard check may embed: a
+    /// prompt longer than that is too long to check, which fails closed on the gateway
+    /// unless the route says open.
+    #[arg(long, env = "SEMCACHE_MAX_GUARD_WINDOWS", default_value_t = 64)]
+    pub max_guard_windows: usize,
     /// Texts that may wait for the model; beyond it requests get 503 with Retry-After.
     #[arg(long, env = "SEMCACHE_EMBED_QUEUE", default_value_t = 1024)]
     pub embed_queue: usize,
@@ -222,6 +229,14 @@ pub struct ServeArgs {
         default_value_t = 200
     )]
     pub ext_proc_lookup_timeout_millis: u64,
+    /// How long a gateway request may wait for its guards' embedding before the guards
+    /// count as failed (closed: the request is refused; see docs/guards.md).
+    #[arg(
+        long,
+        env = "SEMCACHE_EXT_PROC_GUARD_TIMEOUT_MILLIS",
+        default_value_t = 1000
+    )]
+    pub ext_proc_guard_timeout_millis: u64,
     /// With --api-keys, accept ext_proc streams that present no key, as a writer on
     /// every cache (for gateways that cannot set gRPC metadata: Envoy Gateway, kgateway);
     /// guard the port with a NetworkPolicy. A stream presenting a wrong key is still refused.
@@ -237,6 +252,7 @@ impl ServeArgs {
             max_response_bytes: self.max_response_bytes,
             max_collection_body_bytes: self.max_collection_body_bytes,
             request_timeout: std::time::Duration::from_millis(self.request_timeout_millis.max(1)),
+            max_guard_windows: self.max_guard_windows.max(1),
             ..Limits::default()
         }
     }
@@ -253,6 +269,9 @@ impl ServeArgs {
                 .collect(),
             lookup_timeout: std::time::Duration::from_millis(
                 self.ext_proc_lookup_timeout_millis.max(1),
+            ),
+            guard_timeout: std::time::Duration::from_millis(
+                self.ext_proc_guard_timeout_millis.max(1),
             ),
             allow_anonymous: self.ext_proc_allow_anonymous,
             limits: self.limits(),

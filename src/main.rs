@@ -42,6 +42,13 @@ fn main() -> ExitCode {
             );
             semcache::eval::bound::run_eval(args)
         }
+        Some(Command::EvalGuard(args)) => {
+            init_logging(LogFormat::Text);
+            semcache::embed::one_kernel_thread_per_worker(
+                semcache::embed::QueueOptions::default().workers,
+            );
+            semcache::eval::guard::run(args)
+        }
         Some(Command::EvalRouter(args)) => {
             init_logging(LogFormat::Text);
             semcache::embed::one_kernel_thread_per_worker(

@@ -8,8 +8,8 @@ use std::collections::HashSet;
 use std::sync::{Mutex, OnceLock};
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Most distinct values of the `cache` label.
@@ -43,6 +43,8 @@ pub struct Metrics {
     pub collection_writes: IntCounterVec,
     pub collection_query_duration: Histogram,
     pub routing_decisions: IntCounterVec,
+    pub guard_decisions: IntCounterVec,
+    pub embedded_texts: IntCounter,
     labels: Mutex<HashSet<String>>,
 }
 
@@ -219,7 +221,20 @@ fn build() -> Result<Metrics, prometheus::Error> {
         ),
         &["router", "route"],
     )?;
+    let guard_decisions = IntCounterVec::new(
+        Opts::new(
+            "semcache_guard_decisions_total",
+            "Prompts checked by guards, by guard and the category that blocked (none: passed)",
+        ),
+        &["guard", "category"],
+    )?;
+    let embedded_texts = IntCounter::new(
+        "semcache_embedded_texts_total",
+        "Texts the model has embedded, every caller together",
+    )?;
     registry.register(Box::new(routing_decisions.clone()))?;
+    registry.register(Box::new(guard_decisions.clone()))?;
+    registry.register(Box::new(embedded_texts.clone()))?;
     registry.register(Box::new(collection_points.clone()))?;
     registry.register(Box::new(collection_bytes.clone()))?;
     registry.register(Box::new(collection_writes.clone()))?;
@@ -277,6 +292,8 @@ fn build() -> Result<Metrics, prometheus::Error> {
         collection_writes,
         collection_query_duration,
         routing_decisions,
+        guard_decisions,
+        embedded_texts,
         labels: Mutex::new(HashSet::new()),
     })
 }

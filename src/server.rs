@@ -96,8 +96,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     };
     let ext_proc = ext_proc.map(|listener| {
-        let processor =
-            gateway::Processor::new(state.core_cell(), args.gateway_options(), keys.clone());
+        let processor = gateway::Processor::new(
+            state.core_cell(),
+            state.routing_cell(),
+            args.gateway_options(),
+            keys.clone(),
+        );
         tokio::spawn(gateway::serve(listener, processor, stopped()))
     });
 

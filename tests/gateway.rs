@@ -143,3 +143,17 @@ fn three_replicas_each_cache_on_one() {
         s.assert_healthy();
     }
 }
+
+#[test]
+fn guards_routers_and_the_cache_share_one_embedding() {
+    let server = gateway(&[]);
+    let attacks = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/guards/prompt-attacks.json"
+    );
+    run_scenario(
+        "pipeline",
+        json!({"http": server.url, "ext_proc": server.ext_proc, "attacks": attacks}),
+    );
+    server.assert_healthy();
+}

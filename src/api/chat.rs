@@ -92,6 +92,7 @@ pub async fn search(
         max_results: 1,
         explain: params.0.explain,
         max_queue_wait: None,
+        embedded: None,
     };
     let outcome = core.search(&cache_id, &query).await?;
     Ok(search_response(outcome, query.explain))

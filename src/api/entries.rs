@@ -236,6 +236,7 @@ impl SearchRequest {
             max_results: max_results as usize,
             explain,
             max_queue_wait: None,
+            embedded: None,
         })
     }
 }

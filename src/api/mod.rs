@@ -8,6 +8,7 @@ pub mod chat;
 pub mod embeddings;
 pub mod entries;
 pub mod extract;
+pub mod guards;
 pub mod health;
 pub mod problem;
 pub mod qdrant;
@@ -48,6 +49,8 @@ pub struct Limits {
     pub max_collection_body_bytes: usize,
     /// Longest a request may take before it is answered 503.
     pub request_timeout: Duration,
+    /// Windows of the model a guard check may embed (a long prompt is read in windows).
+    pub max_guard_windows: usize,
 }
 
 impl Default for Limits {
@@ -63,6 +66,7 @@ impl Default for Limits {
             max_embedding_inputs: 256,
             max_collection_body_bytes: 32 * 1024 * 1024,
             request_timeout: Duration::from_secs(30),
+            max_guard_windows: 64,
         }
     }
 }
@@ -77,7 +81,8 @@ struct Inner {
     /// Shared with the gateway edge (see [`AppState::core_cell`]).
     core: Arc<OnceLock<Arc<CacheService>>>,
     collections: OnceLock<Arc<CollectionService>>,
-    routing: OnceLock<Arc<RoutingService>>,
+    /// Shared with the gateway edge too.
+    routing: Arc<OnceLock<Arc<RoutingService>>>,
     phase: Mutex<String>,
     limits: Limits,
 }
@@ -88,7 +93,7 @@ impl AppState {
             inner: Arc::new(Inner {
                 core: Arc::new(OnceLock::new()),
                 collections: OnceLock::new(),
-                routing: OnceLock::new(),
+                routing: Arc::new(OnceLock::new()),
                 phase: Mutex::new("starting".into()),
                 limits,
             }),
@@ -132,6 +137,10 @@ impl AppState {
     /// The cell the core appears in, for the other edge (ext_proc) to read.
     pub fn core_cell(&self) -> Arc<OnceLock<Arc<CacheService>>> {
         self.inner.core.clone()
+    }
+
+    pub fn routing_cell(&self) -> Arc<OnceLock<Arc<RoutingService>>> {
+        self.inner.routing.clone()
     }
 
     pub fn set_core(
@@ -228,6 +237,13 @@ pub fn router(state: AppState, keys: auth::KeyRing) -> Router {
         )
         .route("/v1/routers/{name}/route", post(routers::route))
         .route("/v1/routers/{name}/fit", post(routers::fit))
+        .route(
+            "/v1/guards/{name}",
+            get(guards::get_guard)
+                .put(guards::put_guard)
+                .delete(guards::delete_guard),
+        )
+        .route("/v1/guards/{name}/check", post(guards::check))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/openapi.json", get(openapi))

@@ -15,22 +15,25 @@ use crate::routing::{RouteDef, RouterDef, RoutingError};
 impl From<RoutingError> for ApiError {
     fn from(e: RoutingError) -> Self {
         match e {
-            RoutingError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            RoutingError::NotFound(_) | RoutingError::GuardNotFound(_) => {
+                ApiError::NotFound(e.to_string())
+            }
             RoutingError::Invalid(message) => ApiError::field("body", "invalid", message),
+            RoutingError::TooLong(_) => ApiError::field("messages", "maxLength", e.to_string()),
             RoutingError::Embed(e) => e.into(),
             RoutingError::Store(e) => e.into(),
         }
     }
 }
 
-fn check_name(name: &str) -> Result<(), ApiError> {
+pub(super) fn check_name(name: &str) -> Result<(), ApiError> {
     if crate::cache::valid_cache_id(name) {
         Ok(())
     } else {
         Err(ApiError::field(
             "name",
             "pattern",
-            "router names are 1-128 characters from A-Z a-z 0-9 . _ -",
+            "router and guard names are 1-128 characters from A-Z a-z 0-9 . _ -",
         ))
     }
 }

@@ -117,6 +117,9 @@ pub struct Query {
     pub explain: bool,
     /// Refuse (as a full queue) rather than wait longer than this for the embedding.
     pub max_queue_wait: Option<std::time::Duration>,
+    /// The prompt's embedding when the caller has it already (the gateway embeds a
+    /// prompt once for its guards, router and cache).
+    pub embedded: Option<Embedded>,
 }
 
 /// What an insert stores.
@@ -873,13 +876,18 @@ impl CacheService {
         served: &mut Vec<usize>,
         outcome: &mut SearchOutcome,
     ) -> Result<(), CacheError> {
-        if query
-            .max_queue_wait
-            .is_some_and(|limit| self.embedder.expected_wait() > limit)
-        {
-            return Err(EmbedError::QueueFull.into());
-        }
-        let embedded = self.embedder.embed(query.prompt.clone()).await?;
+        let embedded = match &query.embedded {
+            Some(embedded) => embedded.clone(),
+            None => {
+                if query
+                    .max_queue_wait
+                    .is_some_and(|limit| self.embedder.expected_wait() > limit)
+                {
+                    return Err(EmbedError::QueueFull.into());
+                }
+                self.embedder.embed(query.prompt.clone()).await?
+            }
+        };
         let vector = embedded.vector.clone();
         let query_end = embedded.truncated_at;
         outcome.embedded = Some(embedded);

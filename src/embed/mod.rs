@@ -368,6 +368,7 @@ fn run_batch(backend: &BertBackend, batch: &mut [(Job, TokenizedText)]) {
     let result = backend.embed(&inputs);
     let m = crate::metrics::metrics();
     m.embed_batch_size.observe(inputs.len() as f64);
+    m.embedded_texts.inc_by(inputs.len() as u64);
     m.embed_duration.observe(started.elapsed().as_secs_f64());
     let replies = batch.iter_mut().map(|(job, tokens)| {
         let (reply, _) = oneshot::channel();

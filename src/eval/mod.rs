@@ -9,6 +9,7 @@
 //! nearest candidate, whatever the verifier said.
 
 pub mod bound;
+pub mod guard;
 pub mod router;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -395,6 +396,7 @@ async fn simulate(task: &Task, model_dir: Option<PathBuf>) -> anyhow::Result<Vec
                     max_results: 1,
                     explain: true,
                     max_queue_wait: None,
+                    embedded: None,
                 };
                 let outcome: SearchOutcome = core.search(cache, &query).await?;
                 let ours = outcome

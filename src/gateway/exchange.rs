@@ -20,6 +20,7 @@ use crate::cache::chat::{self, sse::Assembler, ChatKey, SCOPE_ATTRIBUTE};
 use crate::cache::{valid_cache_id, CacheService, NewEntry, Query};
 use crate::embed::{EmbedError, Embedded};
 use crate::metrics::metrics;
+use crate::routing::{guard::Verdict, RoutingError};
 
 /// Raw stream bytes kept per allowed response byte: SSE framing repeats the envelope
 /// in every chunk, so a stream is several times the completion it assembles into.
@@ -32,6 +33,8 @@ pub struct Pending {
     no_store: bool,
     no_cache: bool,
     may_store: bool,
+    /// Why the cache sits this request out while guards or a router still read it.
+    cache_off: Option<&'static str>,
     key: Option<ChatKey>,
     /// The lookup's embedding, so storing does not run the model again.
     embedded: Option<Embedded>,
@@ -62,6 +65,10 @@ enum Phase {
     Collect(Box<Pending>, Collector),
 }
 
+/// Why a request ends before the cache: the reply that ends it (a block, a refusal), or
+/// `None` to let it go on to the model untouched.
+type Stop = Option<Box<ProcessingResponse>>;
+
 /// What the stream learnt, for its log line.
 #[derive(Debug, Default)]
 pub struct Outcome {
@@ -76,6 +83,10 @@ pub struct Exchange {
     caller: Caller,
     phase: Phase,
     pub outcome: Outcome,
+    /// The router's decision (`none`: out of scope), told upstream and to the client.
+    pub route: Option<String>,
+    /// The request body with the routed model, when routing changed it.
+    new_body: Option<Vec<u8>>,
 }
 
 fn count(outcome: &'static str, reason: &'static str) {
@@ -117,6 +128,8 @@ impl Exchange {
                 outcome: "passthrough",
                 ..Default::default()
             },
+            route: None,
+            new_body: None,
         }
     }
 
@@ -167,7 +180,8 @@ impl Exchange {
             count("passthrough", "not-chat");
             return Ok(proto::request_headers(Some(proto::mode(false))));
         }
-        let options = &self.shared.options;
+        let shared = self.shared.clone();
+        let options = &shared.options;
         let cache_id = self
             .caller
             .cache_id
@@ -175,12 +189,21 @@ impl Exchange {
             .or_else(|| headers.get(&options.cache_header).map(str::to_string))
             .unwrap_or_else(|| options.default_cache.clone());
         self.outcome.cache_id = cache_id.clone();
-        let bypass_now = |this: &mut Self, reason| {
+        // Guards and routers read the body even when the cache will not.
+        let pipeline = !self.caller.guards.is_empty() || self.caller.router.is_some();
+        let mut cache_off = None;
+        let mut bypass_now = |this: &mut Self, reason| {
+            if pipeline {
+                cache_off = Some(reason);
+                return None;
+            }
             this.bypass(reason);
-            Ok(proto::request_headers(Some(proto::mode(true))))
+            Some(Ok(proto::request_headers(Some(proto::mode(true)))))
         };
         if !valid_cache_id(&cache_id) {
-            return bypass_now(self, "invalid-cache-id");
+            if let Some(reply) = bypass_now(self, "invalid-cache-id") {
+                return reply;
+            }
         }
         let mut may_store = true;
         if let Some(key) = &self.caller.key {
@@ -193,7 +216,9 @@ impl Exchange {
         }
         let (no_store, no_cache) = cache_control(headers.joined("cache-control").as_deref());
         if no_cache && (no_store || !may_store) {
-            return bypass_now(self, "cache-control");
+            if let Some(reply) = bypass_now(self, "cache-control") {
+                return reply;
+            }
         }
         let limit = options.limits.max_attribute_bytes;
         let mut scope = self.caller.scope.clone();
@@ -208,6 +233,7 @@ impl Exchange {
             no_store,
             no_cache,
             may_store,
+            cache_off,
             key: None,
             embedded: None,
         }));
@@ -227,10 +253,15 @@ impl Exchange {
             // Looked up and missed: wait for the answer.
             self.phase = Phase::Miss(pending);
         }
-        reply.unwrap_or_else(proto::request_body)
+        reply.unwrap_or_else(|| {
+            let route = self.route.iter().map(|r| ("x-semcache-route", r.clone()));
+            proto::request_body_with(&route.collect::<Vec<_>>(), self.new_body.take())
+        })
     }
 
-    /// A hit's immediate response, or `None` to let the request go on to the model.
+    /// Guards, router and cache in that order, on one embedding of the prompt: an
+    /// immediate response (a block, a refusal, a hit), or `None` to let the request go on
+    /// to the model.
     async fn lookup(
         &mut self,
         pending: &mut Pending,
@@ -238,20 +269,40 @@ impl Exchange {
     ) -> Option<ProcessingResponse> {
         let shared = self.shared.clone();
         let limits = &shared.options.limits;
-        if !body.end_of_stream {
+        let unreadable = if !body.end_of_stream {
             // BUFFERED_PARTIAL cut the body at Envoy's buffer limit (or the body is
             // streamed): there is no whole request to key on.
-            self.bypass("body-not-buffered");
-            return None;
-        }
-        if body.body.len() > limits.max_body_bytes {
-            self.bypass("too-large");
-            return None;
-        }
-        let Ok(request) = serde_json::from_slice::<Value>(&body.body) else {
-            self.bypass("invalid-json");
-            return None;
+            Some("body-not-buffered")
+        } else if body.body.len() > limits.max_body_bytes {
+            Some("too-large")
+        } else {
+            None
         };
+        let request = match unreadable {
+            Some(reason) => Err(reason),
+            None => serde_json::from_slice::<Value>(&body.body).map_err(|_| "invalid-json"),
+        };
+        let mut request = match request {
+            Ok(request) => request,
+            Err(reason) => {
+                let refused = self.unchecked(reason);
+                if refused.is_none() {
+                    self.bypass(reason);
+                }
+                return refused;
+            }
+        };
+        let mut embedded = None;
+        if !self.caller.guards.is_empty() || self.caller.router.is_some() {
+            match self.guard_and_route(&mut request).await {
+                Ok(last) => embedded = last,
+                Err(reply) => return reply.map(|r| *r),
+            }
+        }
+        if let Some(reason) = pending.cache_off {
+            self.bypass(reason);
+            return None;
+        }
         let Some(core) = self.core().cloned() else {
             self.bypass("not-ready");
             return None;
@@ -267,6 +318,10 @@ impl Exchange {
             self.bypass("too-large");
             return None;
         }
+        // The guards' embedding of the last user message is the cache's too.
+        let embedded = embedded
+            .filter(|(text, _)| *text == key.prompt)
+            .map(|(_, e)| e);
         let mut attributes = pending.scope.clone();
         attributes.insert(SCOPE_ATTRIBUTE.into(), key.fingerprint.clone());
         pending.key = Some(key.clone());
@@ -285,6 +340,7 @@ impl Exchange {
             explain: false,
             // Under overload, go to the model at once rather than after the budget.
             max_queue_wait: Some(shared.options.lookup_timeout),
+            embedded: embedded.clone(),
         };
         let budget = shared.options.lookup_timeout;
         let found = match tokio::time::timeout(budget, core.search(&pending.cache_id, &query)).await
@@ -312,7 +368,9 @@ impl Exchange {
                 return None;
             }
         };
-        pending.embedded = found.embedded;
+        // A lookup that did not need the embedding (a new cache, an exact hit) leaves
+        // ours for the store.
+        pending.embedded = found.embedded.or(embedded);
         let Some(hit) = found.hits.into_iter().next() else {
             count("miss", "no-match");
             self.outcome.reason = "no-match";
@@ -357,23 +415,203 @@ impl Exchange {
         if streamed {
             headers.push(("cache-control", "no-cache".to_string()));
         }
-        Some(proto::immediate(200, &headers, body))
+        if let Some(route) = &self.route {
+            headers.push(("x-semcache-route", route.clone()));
+        }
+        Some(proto::immediate("semcache_hit", 200, &headers, body))
+    }
+
+    /// Runs the route's guards, then its router, on one embedding of the request's user
+    /// messages. `Ok` carries the last user message and its embedding, for the cache;
+    /// `Err` the reply that ends the request here (`None` inside: let it go on, as a
+    /// bypass, when guards that could not run fail open).
+    async fn guard_and_route(
+        &mut self,
+        request: &mut Value,
+    ) -> Result<Option<(String, Embedded)>, Stop> {
+        let shared = self.shared.clone();
+        let options = &shared.options;
+        let guarded = !self.caller.guards.is_empty();
+        if self.caller.router.is_some() {
+            // Whatever the client sent, the header upstream is ours.
+            self.route = Some("none".into());
+        }
+        let Some(routing) = shared.routing.get().cloned() else {
+            return self.guards_failed("not-ready");
+        };
+        let mut users = chat::user_texts(request);
+        if !self.caller.guard_all_messages || !guarded {
+            users = users.split_off(users.len().saturating_sub(1));
+        }
+        if users.is_empty() {
+            // No user text: nothing a guard or router could read.
+            return Ok(None);
+        }
+        let (budget, windows) = if guarded {
+            (options.guard_timeout, options.limits.max_guard_windows)
+        } else {
+            (options.lookup_timeout, 0)
+        };
+        let embedding = async {
+            if guarded {
+                routing.embed_for_guards(users.clone(), windows).await
+            } else {
+                routing.embed(users.clone()).await.map(|w| (w, Vec::new()))
+            }
+        };
+        let (whole, windows) = match tokio::time::timeout(budget, embedding).await {
+            Ok(Ok(embedded)) => embedded,
+            Ok(Err(RoutingError::TooLong(_))) => return self.guards_failed("too-long"),
+            Ok(Err(e)) => {
+                let overloaded = matches!(e, RoutingError::Embed(EmbedError::QueueFull));
+                if !overloaded {
+                    tracing::warn!(error = %e, "gateway embedding for guards or router failed");
+                }
+                return self.guards_failed(if overloaded { "overloaded" } else { "error" });
+            }
+            Err(_) => return self.guards_failed("timeout"),
+        };
+        let vectors: Vec<&[f32]> = whole
+            .iter()
+            .map(|e| e.vector.as_slice())
+            .chain(windows.iter().map(Vec::as_slice))
+            .collect();
+        for guard in self.caller.guards.clone() {
+            match routing.check_vectors(&guard, &vectors, false) {
+                Ok(verdict) if verdict.blocked => {
+                    return Err(Some(Box::new(self.blocked(&guard, &verdict))))
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, guard = %guard, "a route's guard cannot run");
+                    return self.guards_failed("unknown-guard");
+                }
+            }
+        }
+        let (last_text, last) = match (users.pop(), whole.into_iter().last()) {
+            (Some(text), Some(e)) => (text, e),
+            _ => return Ok(None),
+        };
+        if let Some(router) = &self.caller.router {
+            match routing.route_vector(router, &last.vector) {
+                Ok(routed) => {
+                    self.route = Some(routed.route.clone().unwrap_or_else(|| "none".into()));
+                    let model = routed
+                        .metadata
+                        .as_ref()
+                        .and_then(|m| m.get("model"))
+                        .and_then(Value::as_str);
+                    if let (Some(model), Some(object)) = (model, request.as_object_mut()) {
+                        if object.get("model").and_then(Value::as_str) != Some(model) {
+                            object.insert("model".into(), Value::from(model));
+                            self.new_body = serde_json::to_vec(request).ok();
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, router = %router, "a route's router cannot run")
+                }
+            }
+        }
+        Ok(Some((last_text, last)))
+    }
+
+    /// The guards could not run: refuse the request (fail closed, the default) or let
+    /// it go on (the route said open; a request without guards always goes on).
+    fn guards_failed<T>(&mut self, reason: &'static str) -> Result<T, Stop> {
+        let refused = self.unchecked(reason);
+        if refused.is_none() {
+            self.bypass(reason);
+        }
+        Err(refused.map(Box::new))
+    }
+
+    /// The 503 that fails a guarded request closed, or `None` where it may go on.
+    fn unchecked(&mut self, reason: &'static str) -> Option<ProcessingResponse> {
+        if self.caller.guards.is_empty() || self.caller.guard_fail_open {
+            return None;
+        }
+        count("refused", reason);
+        self.outcome.outcome = "refused";
+        self.outcome.reason = reason;
+        self.phase = Phase::Idle;
+        let body = serde_json::json!({"error": {
+            "message": format!(
+                "semcache could not check this request against its guards ({reason}); \
+                 this route refuses what it cannot check"
+            ),
+            "type": "server_error",
+            "param": null,
+            "code": "guard_unavailable",
+        }});
+        let headers = [
+            ("content-type", "application/json".to_string()),
+            ("x-semcache", "refused".to_string()),
+            ("x-semcache-guard", "unavailable".to_string()),
+            ("x-semcache-guard-reason", reason.to_string()),
+        ];
+        Some(proto::immediate(
+            "semcache_guard_unavailable",
+            503,
+            &headers,
+            body.to_string().into_bytes(),
+        ))
+    }
+
+    /// The 403 a blocked prompt gets, in OpenAI's error shape (the SDKs raise it as
+    /// `PermissionDeniedError`).
+    fn blocked(&mut self, guard: &str, verdict: &Verdict) -> ProcessingResponse {
+        let category = verdict.category.clone().unwrap_or_default();
+        count("blocked", "guard");
+        self.outcome.outcome = "blocked";
+        self.outcome.reason = "guard";
+        self.outcome.similarity = Some(verdict.score);
+        self.phase = Phase::Idle;
+        let body = serde_json::json!({"error": {
+            "message": format!(
+                "This request was blocked by the `{guard}` guard (category `{category}`)."
+            ),
+            "type": "invalid_request_error",
+            "param": null,
+            "code": "content_blocked",
+        }});
+        let headers = [
+            ("content-type", "application/json".to_string()),
+            ("x-semcache", "blocked".to_string()),
+            ("x-semcache-guard", category),
+            ("x-semcache-guard-name", guard.to_string()),
+            (
+                "x-semcache-guard-example",
+                verdict.example.clone().unwrap_or_default(),
+            ),
+            ("x-semcache-guard-score", format!("{:.4}", verdict.score)),
+        ];
+        proto::immediate(
+            "semcache_guard",
+            403,
+            &headers,
+            body.to_string().into_bytes(),
+        )
     }
 
     fn response_headers(&mut self, h: &HttpHeaders) -> ProcessingResponse {
         let phase = std::mem::replace(&mut self.phase, Phase::Idle);
         let pending = match phase {
             Phase::Bypass(reason) => {
-                let set = proto::mutation(&[
+                let mut set = vec![
                     ("x-semcache", "bypass".into()),
                     ("x-semcache-bypass", reason.into()),
-                ]);
+                ];
+                set.extend(self.route.iter().map(|r| ("x-semcache-route", r.clone())));
+                let set = proto::mutation(&set);
                 return proto::response_headers(Some(set), Some(proto::mode(true)));
             }
             Phase::Miss(pending) => pending,
             _ => return proto::response_headers(None, None),
         };
-        let set = Some(proto::mutation(&[("x-semcache", "miss".into())]));
+        let mut set = vec![("x-semcache", "miss".into())];
+        set.extend(self.route.iter().map(|r| ("x-semcache-route", r.clone())));
+        let set = Some(proto::mutation(&set));
         let headers = Headers::from_map(h.headers.as_ref());
         let skip = |reason: &'static str| {
             metrics().ext_proc_stores.with_label_values(&[reason]).inc();
@@ -517,11 +755,13 @@ mod tests {
         let shared = Arc::new(Shared {
             // No core: as while the model loads.
             core: Arc::new(std::sync::OnceLock::new()),
+            routing: Arc::new(std::sync::OnceLock::new()),
             options: super::super::GatewayOptions {
                 cache_header: "x-semcache-cache-id".into(),
                 default_cache: "default".into(),
                 scope_headers: vec!["x-tenant-id".into()],
                 lookup_timeout: std::time::Duration::from_millis(200),
+                guard_timeout: std::time::Duration::from_millis(1000),
                 allow_anonymous: false,
                 limits: crate::api::Limits::default(),
             },

@@ -6,6 +6,12 @@
 //! continues to the model: semcache may only speed a request up, never fail it. Only a
 //! stream without a valid key is refused, with a gRPC status, so that Envoy's own
 //! failure mode decides.
+//!
+//! Per route of the gateway (its `initial_metadata`), a request can also pass guards
+//! (blocked: a 403 in OpenAI's error shape; guards that cannot run fail closed unless the
+//! route says open) and a router (`x-semcache-route`, and the body's `model` rewritten
+//! when the route's metadata names one) before the cache lookup — all on one embedding
+//! of the prompt.
 
 mod exchange;
 mod proto;
@@ -30,12 +36,21 @@ use crate::api::Limits;
 use crate::auth::{Key, KeyRing};
 use crate::cache::CacheService;
 use crate::metrics::metrics;
+use crate::routing::RoutingService;
 use exchange::Exchange;
 
 /// gRPC metadata naming the cache, set by the operator per route (`initial_metadata`).
 pub const CACHE_METADATA: &str = "x-semcache-cache-id";
 /// gRPC metadata keys with this prefix become scope attributes (`meta.<rest>`).
 pub const SCOPE_METADATA_PREFIX: &str = "x-semcache-scope-";
+/// gRPC metadata naming the guards a route's requests pass, comma-separated, in order.
+pub const GUARDS_METADATA: &str = "x-semcache-guards";
+/// `last-user-message` (default) or `all-user-messages`.
+pub const GUARD_SCOPE_METADATA: &str = "x-semcache-guard-scope";
+/// `closed` (default: a request the guards could not check is refused) or `open`.
+pub const GUARD_FAILURE_METADATA: &str = "x-semcache-guard-failure";
+/// gRPC metadata naming the router for a route's requests.
+pub const ROUTER_METADATA: &str = "x-semcache-router";
 
 /// How the gateway edge finds caches and scopes, and its limits.
 #[derive(Debug, Clone)]
@@ -48,6 +63,8 @@ pub struct GatewayOptions {
     pub scope_headers: Vec<String>,
     /// A lookup slower than this lets the request go on to the model.
     pub lookup_timeout: Duration,
+    /// Guards waiting longer than this for the prompt's embedding have failed.
+    pub guard_timeout: Duration,
     /// Streams without a key are let in (as writers) even when keys are on.
     pub allow_anonymous: bool,
     pub limits: Limits,
@@ -56,6 +73,7 @@ pub struct GatewayOptions {
 /// What every stream shares.
 pub struct Shared {
     pub core: Arc<OnceLock<Arc<CacheService>>>,
+    pub routing: Arc<OnceLock<Arc<RoutingService>>>,
     pub options: GatewayOptions,
     keys: KeyRing,
 }
@@ -66,6 +84,10 @@ pub struct Caller {
     key: Option<Key>,
     cache_id: Option<String>,
     scope: BTreeMap<String, String>,
+    guards: Vec<String>,
+    guard_all_messages: bool,
+    guard_fail_open: bool,
+    router: Option<String>,
 }
 
 pub struct Processor {
@@ -75,12 +97,14 @@ pub struct Processor {
 impl Processor {
     pub fn new(
         core: Arc<OnceLock<Arc<CacheService>>>,
+        routing: Arc<OnceLock<Arc<RoutingService>>>,
         options: GatewayOptions,
         keys: KeyRing,
     ) -> Self {
         Self {
             shared: Arc::new(Shared {
                 core,
+                routing,
                 options,
                 keys,
             }),
@@ -91,7 +115,37 @@ impl Processor {
         let text = |name: &str| metadata.get(name).and_then(|v| v.to_str().ok());
         let mut caller = Caller {
             cache_id: text(CACHE_METADATA).map(str::to_string),
+            guards: text(GUARDS_METADATA)
+                .unwrap_or_default()
+                .split(',')
+                .map(str::trim)
+                .filter(|g| !g.is_empty())
+                .map(str::to_string)
+                .collect(),
+            router: text(ROUTER_METADATA)
+                .map(str::trim)
+                .filter(|r| !r.is_empty())
+                .map(str::to_string),
             ..Caller::default()
+        };
+        // A misspelt setting must not weaken a guard: refuse the stream, loudly.
+        caller.guard_all_messages = match text(GUARD_SCOPE_METADATA).map(str::trim) {
+            None | Some("last-user-message") => false,
+            Some("all-user-messages") => true,
+            Some(other) => {
+                return Err(Status::invalid_argument(format!(
+                "{GUARD_SCOPE_METADATA} is last-user-message or all-user-messages, not `{other}`"
+            )))
+            }
+        };
+        caller.guard_fail_open = match text(GUARD_FAILURE_METADATA).map(str::trim) {
+            None | Some("closed") => false,
+            Some("open") => true,
+            Some(other) => {
+                return Err(Status::invalid_argument(format!(
+                    "{GUARD_FAILURE_METADATA} is closed or open, not `{other}`"
+                )))
+            }
         };
         let presented = text("authorization");
         let anonymous = presented.is_none() && self.shared.options.allow_anonymous;
@@ -135,10 +189,12 @@ impl ExternalProcessor for Processor {
         let caller = match self.caller(request.metadata()) {
             Ok(caller) => caller,
             Err(status) => {
-                metrics()
-                    .ext_proc_streams
-                    .with_label_values(&["unauthenticated"])
-                    .inc();
+                let why = if status.code() == tonic::Code::Unauthenticated {
+                    "unauthenticated"
+                } else {
+                    "invalid"
+                };
+                metrics().ext_proc_streams.with_label_values(&[why]).inc();
                 return Err(status);
             }
         };
@@ -149,6 +205,7 @@ impl ExternalProcessor for Processor {
         let span = tracing::info_span!(
             "ext_proc",
             cache = tracing::field::Empty,
+            route = tracing::field::Empty,
             outcome = tracing::field::Empty,
             reason = tracing::field::Empty,
             similarity = tracing::field::Empty,
@@ -185,6 +242,9 @@ impl ExternalProcessor for Processor {
                 span.record("cache", o.cache_id.as_str());
                 span.record("outcome", o.outcome);
                 span.record("reason", o.reason);
+                if let Some(route) = &exchange.route {
+                    span.record("route", route.as_str());
+                }
                 if let Some(s) = o.similarity {
                     span.record("similarity", s);
                 }

@@ -9,8 +9,8 @@ use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::{
 };
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    processing_response::Response, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse,
-    ImmediateResponse, ProcessingResponse, TrailersResponse,
+    body_mutation, processing_response::Response, BodyMutation, BodyResponse, CommonResponse,
+    HeaderMutation, HeadersResponse, ImmediateResponse, ProcessingResponse, TrailersResponse,
 };
 
 /// Request or response headers as Envoy sent them (keys lower-cased by Envoy).
@@ -125,9 +125,28 @@ pub fn response_headers(
 }
 
 pub fn request_body() -> ProcessingResponse {
+    request_body_with(&[], None)
+}
+
+/// The request goes on with these headers set and, if given, this body instead (with
+/// its length; Envoy then matches its routes again, so a changed `model` or
+/// `x-semcache-route` can pick another backend).
+pub fn request_body_with(set: &[(&str, String)], body: Option<Vec<u8>>) -> ProcessingResponse {
+    let mut set = set.to_vec();
+    if let Some(body) = &body {
+        set.push(("content-length", body.len().to_string()));
+    }
+    let changed = !set.is_empty();
     ProcessingResponse {
         response: Some(Response::RequestBody(BodyResponse {
-            response: common(None),
+            response: Some(CommonResponse {
+                header_mutation: changed.then(|| mutation(&set)),
+                body_mutation: body.map(|b| BodyMutation {
+                    mutation: Some(body_mutation::Mutation::Body(b)),
+                }),
+                clear_route_cache: changed,
+                ..Default::default()
+            }),
         })),
         ..Default::default()
     }
@@ -157,7 +176,13 @@ pub fn response_trailers() -> ProcessingResponse {
 }
 
 /// Envoy answers the client itself with this; the request never reaches the model.
-pub fn immediate(status: u16, headers: &[(&str, String)], body: Vec<u8>) -> ProcessingResponse {
+/// `details` is what Envoy's access log shows as the reason (`semcache_hit`, …).
+pub fn immediate(
+    details: &str,
+    status: u16,
+    headers: &[(&str, String)],
+    body: Vec<u8>,
+) -> ProcessingResponse {
     ProcessingResponse {
         response: Some(Response::ImmediateResponse(ImmediateResponse {
             status: Some(HttpStatus {
@@ -166,7 +191,7 @@ pub fn immediate(status: u16, headers: &[(&str, String)], body: Vec<u8>) -> Proc
             headers: Some(mutation(headers)),
             body,
             grpc_status: None,
-            details: "semcache_hit".into(),
+            details: details.into(),
         })),
         ..Default::default()
     }

@@ -1,11 +1,13 @@
 //! Semantic routing: named routers whose routes are described by example utterances;
 //! a prompt goes to the route it is closest to, or to none when it is out of scope.
 //!
-//! Definitions live in the store's `routing` tree; the utterances' vectors are the points
-//! of an internal collection per router (`semcache.router.{name}`), so a restart never
-//! re-embeds them. Scoring and fitting are in [`scorer`].
+//! Guards ([`guard`]) are the same shape turned around: categories of example prompts
+//! to block. Both are stored as labelled example sets ([`sets`]), so a restart never
+//! re-embeds them. Scoring and fitting of routers are in [`scorer`].
 
+pub mod guard;
 pub mod scorer;
+mod sets;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -14,8 +16,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::cache::now_ms;
-use crate::embed::{EmbedError, Embedder};
-use crate::store::{CollectionRecord, EntryId, PointId, PointRecord, Store, StoreError};
+use crate::embed::{EmbedError, Embedded, Embedder};
+use crate::store::{Store, StoreError};
+use guard::Guard;
 use scorer::{Accuracy, Params, RouteVectors};
 
 /// Blend of nearest-utterance and centroid cosine before a router is fitted.
@@ -27,6 +30,10 @@ pub const DEFAULT_THRESHOLD: f32 = 0.5;
 pub enum RoutingError {
     #[error("router `{0}` not found")]
     NotFound(String),
+    #[error("guard `{0}` not found")]
+    GuardNotFound(String),
+    #[error("the prompt is too long to check: it needs more than {0} windows of the model")]
+    TooLong(usize),
     #[error("{0}")]
     Invalid(String),
     #[error("embedding failed: {0}")]
@@ -126,54 +133,52 @@ pub struct RoutingService {
     embedder: Embedder,
     config: RoutingConfig,
     routers: RwLock<HashMap<String, Arc<Router>>>,
+    guards: RwLock<HashMap<String, Arc<Guard>>>,
 }
 
-fn collection_name(name: &str) -> String {
-    format!("{}router.{name}", crate::store::INTERNAL_PREFIX)
-}
+const ROUTER: &str = "router";
 
-fn key(name: &str) -> String {
-    format!("router/{name}")
+fn corrupt(key: &str, e: serde_json::Error) -> RoutingError {
+    StoreError::Corrupt {
+        key: key.to_string(),
+        reason: e.to_string(),
+    }
+    .into()
 }
 
 impl RoutingService {
-    /// Loads every router from the store (vectors read, never re-embedded).
+    /// Loads every router and guard from the store (vectors read, never re-embedded).
     pub fn open(store: Store, embedder: Embedder, config: RoutingConfig) -> Result<Self> {
-        let service = Self {
+        let mut routers = HashMap::new();
+        let groups_of = |key: &str, bytes: &[u8]| {
+            serde_json::from_slice::<RouterRecord>(bytes)
+                .map(|r| r.def.routes.len())
+                .map_err(|e| corrupt(key, e))
+        };
+        for (name, bytes, groups) in sets::load_all(&store, ROUTER, groups_of)? {
+            let record: RouterRecord =
+                serde_json::from_slice(&bytes).map_err(|e| corrupt(&name, e))?;
+            let routes = Arc::new(groups.into_iter().map(RouteVectors::new).collect());
+            routers.insert(name, Arc::new(Router { record, routes }));
+        }
+        let guards = guard::load(&store)?;
+        tracing::info!(
+            routers = routers.len(),
+            guards = guards.len(),
+            "routers and guards loaded"
+        );
+        Ok(Self {
             store,
             embedder,
             config,
-            routers: RwLock::new(HashMap::new()),
-        };
-        let mut loaded = HashMap::new();
-        for item in service.store.scan_routing() {
-            let (key, bytes) = item?;
-            let Some(name) = key.strip_prefix("router/") else {
-                continue;
-            };
-            let record: RouterRecord =
-                serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
-                    key: key.clone(),
-                    reason: e.to_string(),
-                })?;
-            let collection = collection_name(name);
-            let mut vectors: Vec<Vec<Vec<f32>>> = vec![Vec::new(); record.def.routes.len()];
-            for point in service.store.scan_points(&collection) {
-                let point = point?;
-                let route = point.record.payload.get("route").and_then(Value::as_u64);
-                let vector = service.store.get_point_vector(&collection, &point.id)?;
-                if let (Some(route), Some(vector)) = (route, vector) {
-                    if let Some(list) = vectors.get_mut(route as usize) {
-                        list.push(vector);
-                    }
-                }
-            }
-            let routes = Arc::new(vectors.into_iter().map(RouteVectors::new).collect());
-            loaded.insert(name.to_string(), Arc::new(Router { record, routes }));
-        }
-        tracing::info!(routers = loaded.len(), "routers loaded");
-        *service.routers.write().unwrap_or_else(|p| p.into_inner()) = loaded;
-        Ok(service)
+            routers: RwLock::new(routers),
+            guards: RwLock::new(guards),
+        })
+    }
+
+    /// Embeds a request's prompts once, for every guard, router and cache that looks at it.
+    pub async fn embed(&self, texts: Vec<String>) -> Result<Vec<Embedded>> {
+        Ok(self.embedder.embed_many(texts).await?)
     }
 
     fn get(&self, name: &str) -> Result<Arc<Router>> {
@@ -185,89 +190,88 @@ impl RoutingService {
             .ok_or_else(|| RoutingError::NotFound(name.to_string()))
     }
 
-    fn check(&self, def: &RouterDef) -> Result<usize> {
-        if def.routes.is_empty() || def.routes.len() > self.config.max_routes {
+    /// Checks a labelled set's groups (a router's routes, a guard's categories) against
+    /// the limits; `words` names them in errors (`["router", "route", "utterances"]`).
+    fn check_groups(
+        &self,
+        words: [&str; 3],
+        groups: &[(&str, &[String], Option<f32>)],
+        threshold: Option<f32>,
+    ) -> Result<usize> {
+        let [set, group, texts] = words;
+        if groups.is_empty() || groups.len() > self.config.max_routes {
             return Err(invalid(format!(
-                "a router has 1 to {} routes",
+                "a {set} has 1 to {} {group}s",
                 self.config.max_routes
             )));
         }
         let mut names = std::collections::HashSet::new();
         let mut total = 0;
-        for r in &def.routes {
-            if r.name.is_empty() || r.name.len() > 256 {
-                return Err(invalid("route names are 1 to 256 bytes"));
+        for (name, examples, own) in groups {
+            if name.is_empty() || name.len() > 256 {
+                return Err(invalid(format!("{group} names are 1 to 256 bytes")));
             }
-            if !names.insert(&r.name) {
-                return Err(invalid(format!("route `{}` appears twice", r.name)));
+            if !names.insert(name) {
+                return Err(invalid(format!("{group} `{name}` appears twice")));
             }
-            if r.utterances.is_empty() {
-                return Err(invalid(format!("route `{}` has no utterances", r.name)));
+            if examples.is_empty() {
+                return Err(invalid(format!("{group} `{name}` has no {texts}")));
             }
-            for u in &r.utterances {
-                if u.trim().is_empty() || u.len() > self.config.max_text_bytes {
-                    return Err(invalid(format!(
-                        "route `{}`: utterances are 1 to {} bytes and not blank",
-                        r.name, self.config.max_text_bytes
-                    )));
-                }
+            if examples
+                .iter()
+                .any(|u| u.trim().is_empty() || u.len() > self.config.max_text_bytes)
+            {
+                return Err(invalid(format!(
+                    "{group} `{name}`: {texts} are 1 to {} bytes and not blank",
+                    self.config.max_text_bytes
+                )));
             }
-            if r.threshold.is_some_and(|t| !(0.0..=1.0).contains(&t)) {
-                return Err(invalid(format!("route `{}`: threshold is 0 to 1", r.name)));
+            if own.is_some_and(|t| !(0.0..=1.0).contains(&t)) {
+                return Err(invalid(format!("{group} `{name}`: threshold is 0 to 1")));
             }
-            total += r.utterances.len();
+            total += examples.len();
         }
-        if def.threshold.is_some_and(|t| !(0.0..=1.0).contains(&t)) {
+        if threshold.is_some_and(|t| !(0.0..=1.0).contains(&t)) {
             return Err(invalid("threshold is 0 to 1"));
         }
         if total > self.config.max_utterances {
             return Err(invalid(format!(
-                "{total} utterances; a router holds at most {}",
+                "{total} {texts}; a {set} holds at most {}",
                 self.config.max_utterances
             )));
         }
         Ok(total)
     }
 
+    /// Refuses a new set past the server's limit (replacing one is always allowed).
+    fn check_room<T>(
+        &self,
+        sets: &RwLock<HashMap<String, T>>,
+        name: &str,
+        what: &str,
+    ) -> Result<()> {
+        let sets = sets.read().unwrap_or_else(|p| p.into_inner());
+        if !sets.contains_key(name) && sets.len() >= self.config.max_routers {
+            return Err(invalid(format!(
+                "this server holds its maximum of {} {what}s",
+                self.config.max_routers
+            )));
+        }
+        Ok(())
+    }
+
     /// Creates or replaces a router: its utterances are embedded once and stored.
     pub async fn put(&self, name: &str, def: RouterDef) -> Result<()> {
-        self.check(&def)?;
-        {
-            let routers = self.routers.read().unwrap_or_else(|p| p.into_inner());
-            if !routers.contains_key(name) && routers.len() >= self.config.max_routers {
-                return Err(invalid(format!(
-                    "this server holds its maximum of {} routers",
-                    self.config.max_routers
-                )));
-            }
-        }
-        let texts: Vec<String> = def
+        let groups: Vec<(&str, &[String], Option<f32>)> = def
             .routes
             .iter()
-            .flat_map(|r| r.utterances.clone())
+            .map(|r| (r.name.as_str(), r.utterances.as_slice(), r.threshold))
             .collect();
-        let embedded = self.embedder.embed_many(texts).await?;
-        let mut vectors = embedded.into_iter().map(|e| e.vector);
-        let mut per_route = Vec::with_capacity(def.routes.len());
-        let mut points = Vec::new();
-        for (r, route) in def.routes.iter().enumerate() {
-            let mut list = Vec::with_capacity(route.utterances.len());
-            for _ in &route.utterances {
-                let Some(v) = vectors.next() else { break };
-                let mut payload = serde_json::Map::new();
-                payload.insert("route".into(), Value::from(r as u64));
-                points.push((
-                    PointId::Num(points.len() as u64),
-                    PointRecord {
-                        version: EntryId::new(),
-                        payload,
-                    },
-                    v.clone(),
-                ));
-                list.push(v);
-            }
-            per_route.push(list);
-        }
+        self.check_groups(["router", "route", "utterances"], &groups, def.threshold)?;
+        self.check_room(&self.routers, name, "router")?;
+        let utterances: Vec<&[String]> =
+            def.routes.iter().map(|r| r.utterances.as_slice()).collect();
+        let per_route = sets::embed(&self.embedder, &utterances).await?;
         let params = Params {
             beta: DEFAULT_BETA,
             k: 1,
@@ -283,31 +287,9 @@ impl RoutingService {
             params,
             fitted_at_ms: None,
         };
-        let collection = collection_name(name);
-        let dims = self.embedder.info().dimensions;
         let bytes = serde_json::to_vec(&record).map_err(|e| invalid(e.to_string()))?;
-        let store = self.store.clone();
-        let key = key(name);
-        tokio::task::spawn_blocking(move || -> Result<()> {
-            store.remove_collection(&collection)?;
-            store.put_collection(
-                &collection,
-                &CollectionRecord {
-                    size: dims,
-                    distance: "Cosine".into(),
-                    created_at_ms: now_ms(),
-                    payload_indexes: Default::default(),
-                },
-            )?;
-            for chunk in points.chunks(1000) {
-                store.upsert_points(&collection, chunk)?;
-            }
-            store.put_routing(&key, &bytes)?;
-            Ok(())
-        })
-        .await
-        .map_err(|e| invalid(e.to_string()))??;
-        self.store.flush().await?;
+        let dims = self.embedder.info().dimensions;
+        sets::save(&self.store, dims, ROUTER, name, bytes, &per_route).await?;
         let routes = Arc::new(per_route.into_iter().map(RouteVectors::new).collect());
         self.routers
             .write()
@@ -350,9 +332,7 @@ impl RoutingService {
             .remove(name)
             .is_some();
         if existed {
-            self.store.remove_routing(&key(name))?;
-            self.store.remove_collection(&collection_name(name))?;
-            self.store.flush().await?;
+            sets::remove(&self.store, ROUTER, name).await?;
         }
         Ok(existed)
     }
@@ -457,8 +437,7 @@ impl RoutingService {
         record.params = params.clone();
         record.fitted_at_ms = Some(now_ms());
         let bytes = serde_json::to_vec(&record).map_err(|e| invalid(e.to_string()))?;
-        self.store.put_routing(&key(name), &bytes)?;
-        self.store.flush().await?;
+        sets::save_record(&self.store, ROUTER, name, &bytes).await?;
         let thresholds = record
             .def
             .routes

@@ -249,9 +249,11 @@ def route(prefix, rewrite=None, per_filter=None):
     return r
 
 
-def bootstrap(listen_port, model_port, ext_procs, routes, default_filter):
-    """ext_procs: {cluster name: (host, port)}; routes: list of route dicts."""
+def bootstrap(listen_port, model_port, ext_procs, routes, default_filter, models=None):
+    """ext_procs: {cluster name: (host, port)}; routes: list of route dicts; models: more
+    model clusters, {cluster name: port}."""
     clusters = [cluster("model", "127.0.0.1", model_port)]
+    clusters += [cluster(name, "127.0.0.1", p) for name, p in (models or {}).items()]
     clusters += [cluster(name, host, port, http2=True) for name, (host, port) in ext_procs.items()]
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},

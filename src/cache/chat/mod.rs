@@ -107,6 +107,31 @@ pub fn last_user_message(request: &Value) -> Result<String, Uncacheable> {
     last_user(request).map(|(_, _, prompt)| prompt)
 }
 
+/// The text of every user message, in order: what guards check. Every part that carries
+/// text counts, whatever its type, so that no shape of content slips past a guard;
+/// images and other parts without text are skipped.
+pub fn user_texts(request: &Value) -> Vec<String> {
+    let Some(messages) = request.get("messages").and_then(Value::as_array) else {
+        return Vec::new();
+    };
+    messages
+        .iter()
+        .filter(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+        .filter_map(|m| {
+            let text = match m.get("content") {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Array(parts)) => parts
+                    .iter()
+                    .filter_map(|p| p.get("text").and_then(Value::as_str))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                _ => String::new(),
+            };
+            (!text.trim().is_empty()).then_some(text)
+        })
+        .collect()
+}
+
 /// Derives the cache key; `allow_sampled` is the cache's setting.
 pub fn key(request: &Value, allow_sampled: bool) -> Result<ChatKey, Uncacheable> {
     let (object, messages, prompt) = last_user(request)?;
