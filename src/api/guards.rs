@@ -10,13 +10,15 @@ use super::extract::JsonBody;
 use super::problem::ApiError;
 use super::routers::check_name;
 use super::AppState;
-use crate::routing::guard::{CategoryDef, GuardDef};
+use crate::routing::guard::{CategoryDef, GuardDef, Read};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PutGuard {
     categories: Vec<CategoryDef>,
     threshold: Option<f32>,
+    #[serde(default)]
+    read: Read,
 }
 
 pub async fn put_guard(
@@ -28,6 +30,7 @@ pub async fn put_guard(
     let def = GuardDef {
         categories: body.categories,
         threshold: body.threshold,
+        read: body.read,
     };
     let routing = state.routing()?;
     routing.put_guard(&name, def).await?;

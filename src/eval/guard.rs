@@ -88,6 +88,7 @@ pub fn run(args: GuardArgs) -> anyhow::Result<()> {
     let held_scores = scores(&categories, &embedder.embed(&held)?);
     let hard_scores = scores(&categories, &embedder.embed(&set.hard_benign)?);
     let mut benign: Vec<(&str, Vec<(usize, f32)>)> = Vec::new();
+    let mut benign_texts: Vec<Vec<String>> = Vec::new();
     if let Some(path) = &args.qqp {
         let pairs: Vec<LabelledPair> = read(path)?;
         let mut seen = BTreeSet::new();
@@ -103,6 +104,7 @@ pub fn run(args: GuardArgs) -> anyhow::Result<()> {
             "QQP questions",
             scores(&categories, &embedder.embed(&texts)?),
         ));
+        benign_texts.push(texts);
     }
     if let Some(path) = &args.gptcache {
         let pairs: Vec<ParaphrasePair> = read(path)?;
@@ -114,6 +116,7 @@ pub fn run(args: GuardArgs) -> anyhow::Result<()> {
             "GPTCache questions",
             scores(&categories, &embedder.embed(&texts)?),
         ));
+        benign_texts.push(texts);
     }
 
     let examples: usize = categories.iter().map(Vec::len).sum();
@@ -171,6 +174,58 @@ pub fn run(args: GuardArgs) -> anyhow::Result<()> {
         println!();
     }
     println!("* the default threshold (DEFAULT_GUARD_THRESHOLD)");
+
+    // `read: sentences`: a message of several sentences is blocked by any of them too.
+    let by_sentence =
+        |texts: &[String], whole: &[(usize, f32)]| -> anyhow::Result<Vec<(usize, f32)>> {
+            let mut pieces = Vec::new();
+            let mut owner = Vec::new();
+            for (n, t) in texts.iter().enumerate() {
+                let split = guard::sentences(t);
+                if split.len() > 1 {
+                    owner.extend(std::iter::repeat_n(n, split.len()));
+                    pieces.extend(split);
+                }
+            }
+            let mut out = whole.to_vec();
+            for (n, score) in owner
+                .into_iter()
+                .zip(scores(&categories, &embedder.embed(&pieces)?))
+            {
+                if score.1 > out[n].1 {
+                    out[n] = score;
+                }
+            }
+            Ok(out)
+        };
+    let t = DEFAULT_GUARD_THRESHOLD;
+    let padded: Vec<String> = held
+        .iter()
+        .map(|h| {
+            format!(
+                "{} {h}",
+                "Tell me about the weather in spring and the flowers that grow. ".repeat(10)
+            )
+        })
+        .collect();
+    let padded_whole = scores(&categories, &embedder.embed(&padded)?);
+    print!(
+        "at the default threshold, attacks after 120 words of benign text: blocked {:.1}% reading whole messages, {:.1}% reading sentences",
+        100.0 * share(&padded_whole, t),
+        100.0 * share(&by_sentence(&padded, &padded_whole)?, t)
+    );
+    println!();
+    print!(
+        "read: sentences, at the default threshold: hard benign blocked {:.1}%",
+        100.0 * share(&by_sentence(&set.hard_benign, &hard_scores)?, t)
+    );
+    for ((name, whole), texts) in benign.iter().zip(&benign_texts) {
+        print!(
+            ", {name} blocked {:.3}%",
+            100.0 * share(&by_sentence(texts, whole)?, t)
+        );
+    }
+    println!();
     // The benign prompts closest to an attack example: what a false block looks like.
     let mut near: Vec<(f32, String)> = Vec::new();
     for (text, (_, s)) in set.hard_benign.iter().zip(&hard_scores) {

@@ -25,6 +25,10 @@ pub struct RouterArgs {
     /// Out-of-scope recall each fit aims for (then maximising in-scope accuracy).
     #[arg(long, default_value_t = crate::routing::scorer::DEFAULT_OOS_RECALL)]
     pub min_oos_recall: f64,
+    /// Write the texts, their vectors and the two halves here (`vectors.f32`, `index.json`),
+    /// so a peer library can be scored on the same vectors and folds.
+    #[arg(long)]
+    pub export: Option<PathBuf>,
 }
 
 type Pairs = Vec<(String, String)>;
@@ -43,6 +47,50 @@ fn split(data: &serde_json::Value, name: &str) -> anyhow::Result<Pairs> {
             }
         })
         .collect()
+}
+
+/// Per `val` position, its half: alternating within each intent (`None`: no such route).
+fn val_halves(val: &Pairs, index: &BTreeMap<&str, usize>) -> Vec<Option<usize>> {
+    let mut seen: BTreeMap<usize, usize> = BTreeMap::new();
+    val.iter()
+        .map(|(_, intent)| {
+            let k = seen.entry(*index.get(intent.as_str())?).or_default();
+            *k += 1;
+            Some((*k - 1) % 2)
+        })
+        .collect()
+}
+
+/// `dir/vectors.f32`: every split's rows (little-endian f32) in the order of `index.json`,
+/// which holds each split's [text, intent] pairs, its rows, and the halves.
+fn export(
+    dir: &std::path::Path,
+    model: &str,
+    splits: [(&str, &Pairs, &[Vec<f32>]); 4],
+    halves: &[Option<usize>],
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let (mut bytes, mut index, mut row) = (Vec::new(), serde_json::Map::new(), 0usize);
+    for (name, pairs, vectors) in splits {
+        bytes.extend(vectors.iter().flatten().flat_map(|x| x.to_le_bytes()));
+        let rows = [row, row + vectors.len()];
+        row = rows[1];
+        index.insert(
+            name.into(),
+            serde_json::json!({ "rows": rows, "pairs": pairs }),
+        );
+    }
+    let oos_halves: Vec<usize> = (0..splits[3].1.len()).map(|n| n % 2).collect();
+    let index = serde_json::json!({
+        "model": model,
+        "dimensions": splits[0].2.first().map_or(0, Vec::len),
+        "splits": index,
+        "halves": { "val": halves, "oos_val": oos_halves },
+    });
+    std::fs::write(dir.join("vectors.f32"), bytes)?;
+    std::fs::write(dir.join("index.json"), serde_json::to_string(&index)?)?;
+    eprintln!("exported {row} vectors to {}", dir.display());
+    Ok(())
 }
 
 fn show(label: &str, a: &Accuracy) {
@@ -96,16 +144,25 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
         embed(&oos_val)?,
     );
 
+    let val_half = val_halves(&val, &index);
+    if let Some(dir) = &args.export {
+        let splits = [
+            ("train", &train, &train_v[..]),
+            ("val", &val, &val_v[..]),
+            ("oos_train", &oos_train, &oos_train_v[..]),
+            ("oos_val", &oos_val, &oos_val_v[..]),
+        ];
+        export(dir, &vectors.embedder.info().model, splits, &val_half)?;
+    }
+
     // Labelled examples: in-scope val with its route, out-of-scope with none; halves by
     // position (per intent for val).
-    let mut seen: BTreeMap<usize, usize> = BTreeMap::new();
     let mut halves: [Vec<(Vec<f32>, Option<usize>)>; 2] = [Vec::new(), Vec::new()];
-    for ((_, intent), v) in val.iter().zip(&val_v) {
-        let route = index.get(intent.as_str()).copied();
-        let Some(route) = route else { continue };
-        let k = seen.entry(route).or_default();
-        halves[*k % 2].push((v.clone(), Some(route)));
-        *k += 1;
+    for (((_, intent), v), half) in val.iter().zip(&val_v).zip(&val_half) {
+        let (Some(route), Some(half)) = (index.get(intent.as_str()), half) else {
+            continue;
+        };
+        halves[*half].push((v.clone(), Some(*route)));
     }
     for (n, v) in oos_val_v.iter().enumerate() {
         halves[n % 2].push((v.clone(), None));

@@ -454,7 +454,8 @@ impl Exchange {
         };
         let embedding = async {
             if guarded {
-                routing.embed_for_guards(users.clone(), windows).await
+                let read = routing.guards_read(&self.caller.guards);
+                routing.embed_for_guards(users.clone(), windows, read).await
             } else {
                 routing.embed(users.clone()).await.map(|w| (w, Vec::new()))
             }

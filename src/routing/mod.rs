@@ -138,6 +138,11 @@ pub struct RoutingService {
 
 const ROUTER: &str = "router";
 
+/// An f32 setting as JSON shows it: 0.575, not 0.574999988079071.
+fn tidy(x: f32) -> f64 {
+    (f64::from(x) * 1e6).round() / 1e6
+}
+
 fn corrupt(key: &str, e: serde_json::Error) -> RoutingError {
     StoreError::Corrupt {
         key: key.to_string(),
@@ -308,7 +313,7 @@ impl RoutingService {
             .routes
             .iter()
             .zip(&r.params.thresholds)
-            .map(|(route, t)| (route.name.clone(), Value::from(*t)))
+            .map(|(route, t)| (route.name.clone(), Value::from(tidy(*t))))
             .collect();
         Ok(serde_json::json!({
             "name": name,
