@@ -131,7 +131,7 @@ pub async fn route(
 #[serde(rename_all = "camelCase")]
 pub struct FitRequest {
     examples: Vec<FitExample>,
-    /// Out-of-scope recall to reach on the examples (default 0.6); the fit then
+    /// Out-of-scope recall to reach on the examples (default 0.7); the fit then
     /// maximises in-scope accuracy.
     min_out_of_scope_recall: Option<f64>,
 }

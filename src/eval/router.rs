@@ -197,9 +197,17 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
             k: 1,
             margin: 0.0,
             thresholds: vec![crate::routing::DEFAULT_THRESHOLD; routes.len()],
+            head: false,
         };
         println!("\n{per_route} utterances per route");
-        let scored_all = scorer::score_examples(&routes, &all, 1);
+        let trained = Instant::now();
+        let head = scorer::Head::train(&routes);
+        let head = head.as_ref();
+        println!(
+            "  linear head trained on the utterances in {:.1} s",
+            trained.elapsed().as_secs_f64()
+        );
+        let scored_all = scorer::score_examples(&routes, head, &all, 1);
         show(
             "no fit (defaults), on val + oos_val",
             &scorer::evaluate(&scored_all, &default),
@@ -207,8 +215,8 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
         let started = Instant::now();
         let mut folds = Vec::new();
         for k in 0..2 {
-            let fitted = scorer::fit(&routes, &halves[k], &default, target);
-            let held = scorer::score_examples(&routes, &halves[1 - k], fitted.k);
+            let fitted = scorer::fit(&routes, head, &halves[k], &default, target);
+            let held = scorer::score_examples(&routes, head, &halves[1 - k], fitted.k);
             folds.push((scorer::evaluate(&held, &fitted), fitted));
         }
         let fit_s = started.elapsed().as_secs_f64() / 2.0;
@@ -222,13 +230,13 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
                 .iter()
                 .fold((f32::MAX, f32::MIN), |(lo, hi), t| (lo.min(*t), hi.max(*t)));
             println!(
-                "    fold {k}: beta {:.2}, k {}, margin {:.2}, thresholds {:.3}..{:.3}",
-                p.beta, p.k, p.margin, spread.0, spread.1
+                "    fold {k}: head {}, beta {:.2}, k {}, margin {:.2}, thresholds {:.3}..{:.3}",
+                p.head, p.beta, p.k, p.margin, spread.0, spread.1
             );
         }
-        let fitted = scorer::fit(&routes, &all, &default, target);
+        let fitted = scorer::fit(&routes, head, &all, &default, target);
         let oos = scorer::evaluate(
-            &scorer::score_examples(&routes, &oos_holdout, fitted.k),
+            &scorer::score_examples(&routes, head, &oos_holdout, fitted.k),
             &fitted,
         );
         println!(
@@ -240,7 +248,7 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
         let started = Instant::now();
         let mut routed = 0usize;
         for q in &queries {
-            routed += usize::from(scorer::decide(&routes, &fitted, q).route.is_some());
+            routed += usize::from(scorer::decide(&routes, head, &fitted, q).route.is_some());
         }
         let micros = started.elapsed().as_secs_f64() * 1e6 / queries.len() as f64;
         println!(

@@ -6,6 +6,7 @@
 //! re-embeds them. Scoring and fitting of routers are in [`scorer`].
 
 pub mod guard;
+mod head;
 pub mod scorer;
 mod sets;
 
@@ -19,7 +20,7 @@ use crate::cache::now_ms;
 use crate::embed::{EmbedError, Embedded, Embedder};
 use crate::store::{Store, StoreError};
 use guard::Guard;
-use scorer::{Accuracy, Params, RouteVectors};
+use scorer::{Accuracy, Head, Params, RouteVectors};
 
 /// Blend of nearest-utterance and centroid cosine before a router is fitted.
 pub const DEFAULT_BETA: f32 = 0.5;
@@ -78,6 +79,22 @@ struct Router {
     /// Shared with fits running on a blocking thread (a large router's vectors are
     /// tens of MB; they are never copied).
     routes: Arc<Vec<RouteVectors>>,
+    /// Trained on the utterances when the router is stored; `fit` decides whether the
+    /// router uses it.
+    head: Option<Arc<Head>>,
+}
+
+/// Where a router's head is kept (`routing` tree), beside its record.
+fn head_key(name: &str) -> String {
+    format!("router-head/{name}")
+}
+
+/// Trains a router's head off the async threads (seconds for thousands of utterances).
+async fn train_head(routes: Arc<Vec<RouteVectors>>) -> Option<Arc<Head>> {
+    tokio::task::spawn_blocking(move || Head::train(&routes).map(Arc::new))
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Limits on router definitions.
@@ -125,6 +142,8 @@ pub struct FitReport {
     pub beta: f32,
     pub k: usize,
     pub margin: f32,
+    /// Whether the linear head picks the route.
+    pub head: bool,
     pub thresholds: HashMap<String, f32>,
 }
 
@@ -163,8 +182,24 @@ impl RoutingService {
         for (name, bytes, groups) in sets::load_all(&store, ROUTER, groups_of)? {
             let record: RouterRecord =
                 serde_json::from_slice(&bytes).map_err(|e| corrupt(&name, e))?;
-            let routes = Arc::new(groups.into_iter().map(RouteVectors::new).collect());
-            routers.insert(name, Arc::new(Router { record, routes }));
+            let routes: Vec<RouteVectors> = groups.into_iter().map(RouteVectors::new).collect();
+            let head = match store.get_routing(&head_key(&name))? {
+                Some(bytes) => Head::from_bytes(&bytes),
+                None => None,
+            }
+            .filter(|h| h.routes() == routes.len())
+            // Missing (a router from before heads) or unreadable: train it again.
+            .or_else(|| Head::train(&routes))
+            .map(Arc::new);
+            let routes = Arc::new(routes);
+            routers.insert(
+                name,
+                Arc::new(Router {
+                    record,
+                    routes,
+                    head,
+                }),
+            );
         }
         let guards = guard::load(&store)?;
         tracing::info!(
@@ -277,7 +312,15 @@ impl RoutingService {
         let utterances: Vec<&[String]> =
             def.routes.iter().map(|r| r.utterances.as_slice()).collect();
         let per_route = sets::embed(&self.embedder, &utterances).await?;
+        let routes = Arc::new(
+            per_route
+                .iter()
+                .map(|v| RouteVectors::new(v.clone()))
+                .collect::<Vec<_>>(),
+        );
+        let head = train_head(routes.clone()).await;
         let params = Params {
+            head: false,
             beta: DEFAULT_BETA,
             k: 1,
             margin: 0.0,
@@ -294,12 +337,21 @@ impl RoutingService {
         };
         let bytes = serde_json::to_vec(&record).map_err(|e| invalid(e.to_string()))?;
         let dims = self.embedder.info().dimensions;
+        if let Some(head) = &head {
+            self.store.put_routing(&head_key(name), &head.to_bytes())?;
+        }
         sets::save(&self.store, dims, ROUTER, name, bytes, &per_route).await?;
-        let routes = Arc::new(per_route.into_iter().map(RouteVectors::new).collect());
         self.routers
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_string(), Arc::new(Router { record, routes }));
+            .insert(
+                name.to_string(),
+                Arc::new(Router {
+                    record,
+                    routes,
+                    head,
+                }),
+            );
         tracing::info!(router = %name, "router stored");
         Ok(())
     }
@@ -324,6 +376,7 @@ impl RoutingService {
                 "beta": r.params.beta,
                 "k": r.params.k,
                 "margin": r.params.margin,
+                "head": r.params.head,
                 "thresholds": thresholds,
             },
         }))
@@ -337,6 +390,7 @@ impl RoutingService {
             .remove(name)
             .is_some();
         if existed {
+            self.store.remove_routing(&head_key(name))?;
             sets::remove(&self.store, ROUTER, name).await?;
         }
         Ok(existed)
@@ -345,7 +399,12 @@ impl RoutingService {
     /// Routes an embedded prompt.
     pub fn route_vector(&self, name: &str, vector: &[f32]) -> Result<Routed> {
         let router = self.get(name)?;
-        let decision = scorer::decide(&router.routes, &router.record.params, vector);
+        let decision = scorer::decide(
+            &router.routes,
+            router.head.as_deref(),
+            &router.record.params,
+            vector,
+        );
         let routes = &router.record.def.routes;
         let route = decision.route.map(|r| &routes[r]);
         let m = crate::metrics::metrics();
@@ -424,14 +483,16 @@ impl RoutingService {
             embedded.into_iter().map(|e| e.vector).zip(labels).collect();
         let current = router.record.params.clone();
         let routes = router.routes.clone();
+        let head = router.head.clone();
         let (params, before, after) = tokio::task::spawn_blocking(move || {
+            let head = head.as_deref();
             let before = scorer::evaluate(
-                &scorer::score_examples(&routes, &examples, current.k),
+                &scorer::score_examples(&routes, head, &examples, current.k),
                 &current,
             );
-            let params = scorer::fit(&routes, &examples, &current, target);
+            let params = scorer::fit(&routes, head, &examples, &current, target);
             let after = scorer::evaluate(
-                &scorer::score_examples(&routes, &examples, params.k),
+                &scorer::score_examples(&routes, head, &examples, params.k),
                 &params,
             );
             (params, before, after)
@@ -458,6 +519,7 @@ impl RoutingService {
                 Arc::new(Router {
                     record,
                     routes: router.routes.clone(),
+                    head: router.head.clone(),
                 }),
             );
         Ok(FitReport {
@@ -466,6 +528,7 @@ impl RoutingService {
             beta: params.beta,
             k: params.k,
             margin: params.margin,
+            head: params.head,
             thresholds,
         })
     }

@@ -9,13 +9,16 @@
 //!
 //! "Nearest" is the mean of the route's `k` closest utterances (k = 1: the closest one).
 //!
-//! `fit` chooses `beta`, `k`, a global threshold and margin, then per-route thresholds,
-//! for the best in-scope accuracy whose out-of-scope recall reaches a target (0.6 unless
+//! `fit` chooses whether the linear head ([`Head`]) picks the route, `beta`, `k`, a
+//! global threshold and margin, then per-route thresholds,
+//! for the best in-scope accuracy whose out-of-scope recall reaches a target (0.7 unless
 //! the caller says): rejecting more out-of-scope prompts always costs some in-scope ones,
 //! and the target says how many are worth it. Without out-of-scope examples it maximises
 //! in-scope accuracy.
 
 use serde::{Deserialize, Serialize};
+
+pub use super::head::Head;
 
 /// Unit vectors of one route.
 #[derive(Debug, Clone)]
@@ -54,6 +57,10 @@ pub struct Params {
     pub margin: f32,
     /// Per route, in route order.
     pub thresholds: Vec<f32>,
+    /// The linear head ([`Head`]) picks the route; the blended score of the route it
+    /// picks still decides out of scope (and the margin is not used).
+    #[serde(default)]
+    pub head: bool,
 }
 
 /// One routing decision: the route (or none), its score, and every route's score, best
@@ -134,11 +141,26 @@ fn accept(params: &Params, route: usize, score: f32, second: f32) -> bool {
     score >= threshold && score - second >= params.margin
 }
 
-pub fn decide(routes: &[RouteVectors], params: &Params, query: &[f32]) -> Decision {
+/// The route a prompt goes to before its threshold is applied: the head's pick (then
+/// no runner-up counts) or the best blended score. (route, score, runner-up's score).
+fn pick(scores: &[f32], head_best: Option<usize>, params: &Params) -> Option<(usize, f32, f32)> {
+    match head_best {
+        Some(r) if params.head && r < scores.len() => Some((r, scores[r], f32::NEG_INFINITY)),
+        _ => top_two(scores),
+    }
+}
+
+pub fn decide(
+    routes: &[RouteVectors],
+    head: Option<&Head>,
+    params: &Params,
+    query: &[f32],
+) -> Decision {
     let scores = blend(&raw_scores(routes, query, params.k), params.beta);
     let mut ranked: Vec<(usize, f32)> = scores.iter().copied().enumerate().collect();
     ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let Some((best, score, second)) = top_two(&scores) else {
+    let head_best = head.filter(|_| params.head).map(|h| h.best(query));
+    let Some((best, score, second)) = pick(&scores, head_best, params) else {
         return Decision {
             route: None,
             score: 0.0,
@@ -170,11 +192,13 @@ pub struct Accuracy {
 /// One example as `fit` sees it: its raw scores and its route (`None`: out of scope).
 pub struct Scored {
     raw: Vec<(f32, f32)>,
+    head_best: Option<usize>,
     truth: Option<usize>,
 }
 
 pub fn score_examples(
     routes: &[RouteVectors],
+    head: Option<&Head>,
     examples: &[(Vec<f32>, Option<usize>)],
     k: usize,
 ) -> Vec<Scored> {
@@ -182,6 +206,7 @@ pub fn score_examples(
         .iter()
         .map(|(v, truth)| Scored {
             raw: raw_scores(routes, v, k),
+            head_best: head.map(|h| h.best(v)),
             truth: *truth,
         })
         .collect()
@@ -192,7 +217,7 @@ pub fn evaluate(scored: &[Scored], params: &Params) -> Accuracy {
         (0usize, 0usize, 0usize, 0usize, 0usize, 0usize);
     for s in scored {
         let scores = blend(&s.raw, params.beta);
-        let answer = top_two(&scores)
+        let answer = pick(&scores, s.head_best, params)
             .and_then(|(r, score, second)| accept(params, r, score, second).then_some(r));
         rejected += usize::from(answer.is_none());
         let ok = answer == s.truth;
@@ -218,8 +243,10 @@ pub fn evaluate(scored: &[Scored], params: &Params) -> Accuracy {
     }
 }
 
-/// Out-of-scope recall `fit` aims for when the caller names none.
-pub const DEFAULT_OOS_RECALL: f64 = 0.6;
+/// Out-of-scope recall `fit` aims for on its examples when the caller names none. Set
+/// above the 60% we want on prompts the fit has not seen: on CLINC150's held-out halves
+/// a 0.6 target landed at 59%, 0.7 at 71–74% (`semcache eval-router`).
+pub const DEFAULT_OOS_RECALL: f64 = 0.7;
 
 /// What `fit` maximises: in-scope accuracy once out-of-scope recall reaches the
 /// target; below it, how far it falls short (so the search still climbs towards it).
@@ -242,6 +269,7 @@ fn value(a: &Accuracy, has_oos: bool, target: f64) -> f64 {
 /// (the old ones if nothing beats them).
 pub fn fit(
     routes: &[RouteVectors],
+    head: Option<&Head>,
     examples: &[(Vec<f32>, Option<usize>)],
     current: &Params,
     target: f64,
@@ -250,19 +278,36 @@ pub fn fit(
     let n = routes.len();
     let mut best = current.clone();
     let mut best_value = value(
-        &evaluate(&score_examples(routes, examples, current.k), current),
+        &evaluate(&score_examples(routes, head, examples, current.k), current),
         has_oos,
         target,
     );
     let mut best_scored = None;
+    let heads: &[bool] = if head.is_some() {
+        &[false, true]
+    } else {
+        &[false]
+    };
     for k in [1usize, 3] {
-        let scored = score_examples(routes, examples, k);
+        let scored = score_examples(routes, head, examples, k);
         let mut improved = false;
-        for beta in [0.0f32, 0.25, 0.5, 0.75, 1.0] {
-            // Candidate thresholds: quantiles of the best-route scores.
+        for (&use_head, beta) in heads
+            .iter()
+            .flat_map(|h| [0.0f32, 0.25, 0.5, 0.75, 1.0].map(|b| (h, b)))
+        {
+            let probe = Params {
+                beta,
+                k,
+                margin: 0.0,
+                thresholds: Vec::new(),
+                head: use_head,
+            };
+            // Candidate thresholds: quantiles of the picked routes' scores.
             let mut tops: Vec<f32> = scored
                 .iter()
-                .filter_map(|s| top_two(&blend(&s.raw, beta)).map(|(_, score, _)| score))
+                .filter_map(|s| {
+                    pick(&blend(&s.raw, beta), s.head_best, &probe).map(|(_, score, _)| score)
+                })
                 .collect();
             tops.sort_by(f32::total_cmp);
             let mut candidates: Vec<f32> = (0..=80)
@@ -270,13 +315,19 @@ pub fn fit(
                 .collect();
             candidates.insert(0, -1.0);
             candidates.dedup();
+            let margins: &[f32] = if use_head {
+                &[0.0]
+            } else {
+                &[0.0, 0.01, 0.02, 0.04]
+            };
             for &t in &candidates {
-                for margin in [0.0f32, 0.01, 0.02, 0.04] {
+                for &margin in margins {
                     let params = Params {
                         beta,
                         k,
                         margin,
                         thresholds: vec![t; n],
+                        head: use_head,
                     };
                     let v = value(&evaluate(&scored, &params), has_oos, target);
                     if v > best_value + 1e-9 {
@@ -291,7 +342,7 @@ pub fn fit(
             best_scored = Some(scored);
         }
     }
-    let scored = best_scored.unwrap_or_else(|| score_examples(routes, examples, best.k));
+    let scored = best_scored.unwrap_or_else(|| score_examples(routes, head, examples, best.k));
     refine_per_route(&scored, &mut best, has_oos, target);
     best
 }
@@ -307,7 +358,7 @@ fn refine_per_route(scored: &[Scored], params: &mut Params, has_oos: bool, targe
         vec![Vec::new(); params.thresholds.len()];
     for s in scored {
         let scores = blend(&s.raw, params.beta);
-        if let Some((r, score, second)) = top_two(&scores) {
+        if let Some((r, score, second)) = pick(&scores, s.head_best, params) {
             by_route[r].push((score, second, s.truth));
         }
     }
@@ -387,12 +438,13 @@ mod tests {
             k: 1,
             margin: 0.0,
             thresholds: vec![0.8, 0.8],
+            head: false,
         };
-        let d = decide(&routes(), &params, &unit(&[1.0, 0.05, 0.0]));
+        let d = decide(&routes(), None, &params, &unit(&[1.0, 0.05, 0.0]));
         assert_eq!(d.route, Some(0));
         assert_eq!(d.ranked[0].0, 0);
         assert!(d.score > 0.9);
-        let d = decide(&routes(), &params, &unit(&[0.0, 0.0, 1.0]));
+        let d = decide(&routes(), None, &params, &unit(&[0.0, 0.0, 1.0]));
         assert_eq!(d.route, None, "{d:?}");
     }
 
@@ -412,11 +464,19 @@ mod tests {
             k: 1,
             margin: 0.0,
             thresholds: vec![-1.0, -1.0],
+            head: false,
         };
-        let before = evaluate(&score_examples(&routes, &examples, 1), &start);
+        let head = Head::train(&routes);
+        let before = evaluate(
+            &score_examples(&routes, head.as_ref(), &examples, 1),
+            &start,
+        );
         assert_eq!(before.out_of_scope_recall, 0.0);
-        let fitted = fit(&routes, &examples, &start, 1.0);
-        let after = evaluate(&score_examples(&routes, &examples, fitted.k), &fitted);
+        let fitted = fit(&routes, head.as_ref(), &examples, &start, 1.0);
+        let after = evaluate(
+            &score_examples(&routes, head.as_ref(), &examples, fitted.k),
+            &fitted,
+        );
         assert_eq!(after.in_scope_accuracy, 1.0, "{fitted:?}");
         assert_eq!(after.out_of_scope_recall, 1.0, "{fitted:?}");
         assert_eq!(after.out_of_scope_precision, 1.0);

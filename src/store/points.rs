@@ -270,6 +270,10 @@ impl Store {
         Ok(())
     }
 
+    pub fn get_routing(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.routing.get(key.as_bytes())?.map(|v| v.to_vec()))
+    }
+
     pub fn remove_routing(&self, key: &str) -> Result<(), StoreError> {
         self.routing.remove(key.as_bytes())?;
         Ok(())
