@@ -22,6 +22,7 @@ fn manifests_validate_and_dockerfiles_lint_clean() {
     assert!(stdout.contains("rendered and validated: gpu"));
     assert!(stdout.contains("envoy --mode validate: deploy/envoy/ext-proc.yaml OK"));
     assert!(stdout.contains("envoy --mode validate: deploy/envoy/envoy.yaml OK"));
+    assert!(stdout.contains("envoy --mode validate: deploy/envoy/guards-routing.yaml OK"));
     assert!(stdout.contains("deploy/gateways/istio.yaml's ext_proc filter OK"));
     for kind in [
         "EnvoyExtensionPolicy",
