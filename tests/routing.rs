@@ -143,8 +143,8 @@ fn bad_router_input_is_a_clear_400() {
     s.assert_healthy();
 }
 
-#[test]
-fn readers_route_and_only_admins_define_routers() {
+/// A server with admin, reader and writer keys (the directory holding them beside it).
+fn keyed_server() -> (tempfile::TempDir, Server) {
     let tmp = tempfile::tempdir().unwrap();
     let keys = tmp.path().join("keys.json");
     std::fs::write(
@@ -158,20 +158,31 @@ fn readers_route_and_only_admins_define_routers() {
     )
     .unwrap();
     let s = Server::start(&["--api-keys", keys.to_str().unwrap()]);
-    let call = |method: &str, path: &str, key: &str, body: &Value| {
-        let url = format!("{}{path}", s.url);
-        let c = common::client();
-        let req = match method {
-            "PUT" => c.put(url),
-            _ => c.post(url),
-        };
-        req.bearer_auth(key)
-            .json(body)
-            .send()
-            .unwrap()
-            .status()
-            .as_u16()
+    (tmp, s)
+}
+
+/// The status of one call with a bearer key.
+fn call(s: &Server, method: &str, path: &str, key: &str, body: &Value) -> u16 {
+    let url = format!("{}{path}", s.url);
+    let c = common::client();
+    let req = match method {
+        "PUT" => c.put(url),
+        "DELETE" => c.delete(url),
+        _ => c.post(url),
     };
+    req.bearer_auth(key)
+        .json(body)
+        .send()
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[test]
+fn readers_route_and_only_admins_define_routers() {
+    let (_keys, s) = keyed_server();
+    let call =
+        |method: &str, path: &str, key: &str, body: &Value| call(&s, method, path, key, body);
     assert_eq!(
         call("PUT", "/v1/routers/r", "reader-key-0123456789", &router()),
         403
@@ -335,34 +346,9 @@ fn guards_block_attacks_pass_the_rest_and_survive_a_restart() {
 
 #[test]
 fn readers_check_and_only_admins_define_guards() {
-    let tmp = tempfile::tempdir().unwrap();
-    let keys = tmp.path().join("keys.json");
-    std::fs::write(
-        &keys,
-        json!([
-            {"key": "admin-key-0123456789", "role": "admin"},
-            {"key": "reader-key-0123456789", "role": "reader"},
-            {"key": "writer-key-0123456789", "role": "writer"}
-        ])
-        .to_string(),
-    )
-    .unwrap();
-    let s = Server::start(&["--api-keys", keys.to_str().unwrap()]);
-    let call = |method: &str, path: &str, key: &str, body: &Value| {
-        let url = format!("{}{path}", s.url);
-        let c = common::client();
-        let req = match method {
-            "PUT" => c.put(url),
-            "DELETE" => c.delete(url),
-            _ => c.post(url),
-        };
-        req.bearer_auth(key)
-            .json(body)
-            .send()
-            .unwrap()
-            .status()
-            .as_u16()
-    };
+    let (_keys, s) = keyed_server();
+    let call =
+        |method: &str, path: &str, key: &str, body: &Value| call(&s, method, path, key, body);
     let guard = attacks();
     for key in ["reader-key-0123456789", "writer-key-0123456789"] {
         assert_eq!(call("PUT", "/v1/guards/g", key, &guard), 403);
