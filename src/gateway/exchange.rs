@@ -96,6 +96,23 @@ fn count(outcome: &'static str, reason: &'static str) {
         .inc();
 }
 
+/// An immediate reply in OpenAI's error shape (what the SDKs turn into their typed
+/// errors), with semcache's headers.
+fn openai_error(
+    details: &str,
+    status: u16,
+    (kind, code): (&str, &str),
+    message: &str,
+    extra: &[(&str, String)],
+) -> ProcessingResponse {
+    let body = serde_json::json!({"error": {
+        "message": message, "type": kind, "param": null, "code": code,
+    }});
+    let mut headers = vec![("content-type", "application/json".to_string())];
+    headers.extend_from_slice(extra);
+    proto::immediate(details, status, &headers, body.to_string().into_bytes())
+}
+
 /// `no-store` and `no-cache` among a `cache-control` header's directives.
 fn cache_control(value: Option<&str>) -> (bool, bool) {
     let mut no_store = false;
@@ -284,13 +301,7 @@ impl Exchange {
         };
         let mut request = match request {
             Ok(request) => request,
-            Err(reason) => {
-                let refused = self.unchecked(reason);
-                if refused.is_none() {
-                    self.bypass(reason);
-                }
-                return refused;
-            }
+            Err(reason) => return self.fail_guards(reason),
         };
         let mut embedded = None;
         if !self.caller.guards.is_empty() || self.caller.router.is_some() {
@@ -520,11 +531,16 @@ impl Exchange {
     /// The guards could not run: refuse the request (fail closed, the default) or let
     /// it go on (the route said open; a request without guards always goes on).
     fn guards_failed<T>(&mut self, reason: &'static str) -> Result<T, Stop> {
+        Err(self.fail_guards(reason).map(Box::new))
+    }
+
+    /// The refusal, or `None` after marking the request a bypass for `reason`.
+    fn fail_guards(&mut self, reason: &'static str) -> Option<ProcessingResponse> {
         let refused = self.unchecked(reason);
         if refused.is_none() {
             self.bypass(reason);
         }
-        Err(refused.map(Box::new))
+        refused
     }
 
     /// The 503 that fails a guarded request closed, or `None` where it may go on.
@@ -536,26 +552,21 @@ impl Exchange {
         self.outcome.outcome = "refused";
         self.outcome.reason = reason;
         self.phase = Phase::Idle;
-        let body = serde_json::json!({"error": {
-            "message": format!(
-                "semcache could not check this request against its guards ({reason}); \
-                 this route refuses what it cannot check"
-            ),
-            "type": "server_error",
-            "param": null,
-            "code": "guard_unavailable",
-        }});
+        let message = format!(
+            "semcache could not check this request against its guards ({reason}); \
+             this route refuses what it cannot check"
+        );
         let headers = [
-            ("content-type", "application/json".to_string()),
             ("x-semcache", "refused".to_string()),
             ("x-semcache-guard", "unavailable".to_string()),
             ("x-semcache-guard-reason", reason.to_string()),
         ];
-        Some(proto::immediate(
+        Some(openai_error(
             "semcache_guard_unavailable",
             503,
+            ("server_error", "guard_unavailable"),
+            &message,
             &headers,
-            body.to_string().into_bytes(),
         ))
     }
 
@@ -568,16 +579,9 @@ impl Exchange {
         self.outcome.reason = "guard";
         self.outcome.similarity = Some(verdict.score);
         self.phase = Phase::Idle;
-        let body = serde_json::json!({"error": {
-            "message": format!(
-                "This request was blocked by the `{guard}` guard (category `{category}`)."
-            ),
-            "type": "invalid_request_error",
-            "param": null,
-            "code": "content_blocked",
-        }});
+        let message =
+            format!("This request was blocked by the `{guard}` guard (category `{category}`).");
         let headers = [
-            ("content-type", "application/json".to_string()),
             ("x-semcache", "blocked".to_string()),
             ("x-semcache-guard", category),
             ("x-semcache-guard-name", guard.to_string()),
@@ -587,11 +591,12 @@ impl Exchange {
             ),
             ("x-semcache-guard-score", format!("{:.4}", verdict.score)),
         ];
-        proto::immediate(
+        openai_error(
             "semcache_guard",
             403,
+            ("invalid_request_error", "content_blocked"),
+            &message,
             &headers,
-            body.to_string().into_bytes(),
         )
     }
 

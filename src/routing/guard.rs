@@ -13,7 +13,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{corrupt, invalid, sets, Result, RoutingError, RoutingService};
+use super::{invalid, sets, Result, RoutingError, RoutingService};
 use crate::embed::Embedded;
 use crate::store::Store;
 
@@ -152,14 +152,9 @@ pub fn nearest(examples: &[Vec<f32>], vector: &[f32]) -> Option<(usize, f32)> {
 
 /// Loads every stored guard.
 pub(super) fn load(store: &Store) -> Result<HashMap<String, Arc<Guard>>> {
-    let groups_of = |key: &str, bytes: &[u8]| {
-        serde_json::from_slice::<GuardDef>(bytes)
-            .map(|d| d.categories.len())
-            .map_err(|e| corrupt(key, e))
-    };
     let mut guards = HashMap::new();
-    for (name, bytes, categories) in sets::load_all(store, GUARD, groups_of)? {
-        let def: GuardDef = serde_json::from_slice(&bytes).map_err(|e| corrupt(&name, e))?;
+    for (name, def, categories) in sets::load_all(store, GUARD, |d: &GuardDef| d.categories.len())?
+    {
         guards.insert(name, Arc::new(Guard { def, categories }));
     }
     Ok(guards)
@@ -239,7 +234,8 @@ impl RoutingService {
         let categories = sets::embed(&self.embedder, &examples).await?;
         let bytes = serde_json::to_vec(&def).map_err(|e| invalid(e.to_string()))?;
         let dims = self.embedder.info().dimensions;
-        sets::save(&self.store, dims, GUARD, name, bytes, &categories).await?;
+        let groups: Vec<&[Vec<f32>]> = categories.iter().map(Vec::as_slice).collect();
+        sets::save(&self.store, dims, GUARD, name, bytes, &groups).await?;
         self.guards
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -368,11 +364,10 @@ impl RoutingService {
         include_text: bool,
         max_windows: usize,
     ) -> Result<Verdict> {
-        self.guard(name)?;
+        let read = self.guard(name)?.def.read;
         if texts.is_empty() {
             return Err(invalid("nothing to check: no user message with text"));
         }
-        let read = self.guard(name)?.def.read;
         let (whole, windows) = self.embed_for_guards(texts, max_windows, read).await?;
         let vectors: Vec<&[f32]> = whole
             .iter()
@@ -392,14 +387,6 @@ impl RoutingService {
         } else {
             Read::Whole
         }
-    }
-
-    pub fn has_guard(&self, name: &str) -> bool {
-        self.guard(name).is_ok()
-    }
-
-    pub fn has_router(&self, name: &str) -> bool {
-        self.get(name).is_ok()
     }
 }
 

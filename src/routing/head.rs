@@ -83,7 +83,7 @@ impl Head {
     fn softmax(&self, x: &[f32], out: &mut [f32]) {
         let mut max = f32::NEG_INFINITY;
         for (r, o) in out.iter_mut().enumerate() {
-            *o = dot(&self.weights[r * self.dims..(r + 1) * self.dims], x) + self.bias[r];
+            *o = self.logit(r, x);
             max = max.max(*o);
         }
         let mut sum = 0.0;
@@ -94,6 +94,10 @@ impl Head {
         out.iter_mut().for_each(|o| *o /= sum);
     }
 
+    fn logit(&self, r: usize, x: &[f32]) -> f32 {
+        dot(&self.weights[r * self.dims..(r + 1) * self.dims], x) + self.bias[r]
+    }
+
     pub fn routes(&self) -> usize {
         self.bias.len()
     }
@@ -101,11 +105,7 @@ impl Head {
     /// The route the head picks for a unit prompt vector.
     pub fn best(&self, x: &[f32]) -> usize {
         (0..self.routes())
-            .map(|r| {
-                let logit =
-                    dot(&self.weights[r * self.dims..(r + 1) * self.dims], x) + self.bias[r];
-                (r, logit)
-            })
+            .map(|r| (r, self.logit(r, x)))
             .max_by(|a, b| a.1.total_cmp(&b.1))
             .map_or(0, |(r, _)| r)
     }

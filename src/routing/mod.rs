@@ -174,14 +174,8 @@ impl RoutingService {
     /// Loads every router and guard from the store (vectors read, never re-embedded).
     pub fn open(store: Store, embedder: Embedder, config: RoutingConfig) -> Result<Self> {
         let mut routers = HashMap::new();
-        let groups_of = |key: &str, bytes: &[u8]| {
-            serde_json::from_slice::<RouterRecord>(bytes)
-                .map(|r| r.def.routes.len())
-                .map_err(|e| corrupt(key, e))
-        };
-        for (name, bytes, groups) in sets::load_all(&store, ROUTER, groups_of)? {
-            let record: RouterRecord =
-                serde_json::from_slice(&bytes).map_err(|e| corrupt(&name, e))?;
+        let groups_of = |r: &RouterRecord| r.def.routes.len();
+        for (name, record, groups) in sets::load_all(&store, ROUTER, groups_of)? {
             let routes: Vec<RouteVectors> = groups.into_iter().map(RouteVectors::new).collect();
             let head = match store.get_routing(&head_key(&name))? {
                 Some(bytes) => Head::from_bytes(&bytes),
@@ -214,6 +208,13 @@ impl RoutingService {
             routers: RwLock::new(routers),
             guards: RwLock::new(guards),
         })
+    }
+
+    fn install(&self, name: &str, router: Router) {
+        self.routers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), Arc::new(router));
     }
 
     /// Embeds a request's prompts once, for every guard, router and cache that looks at it.
@@ -312,12 +313,8 @@ impl RoutingService {
         let utterances: Vec<&[String]> =
             def.routes.iter().map(|r| r.utterances.as_slice()).collect();
         let per_route = sets::embed(&self.embedder, &utterances).await?;
-        let routes = Arc::new(
-            per_route
-                .iter()
-                .map(|v| RouteVectors::new(v.clone()))
-                .collect::<Vec<_>>(),
-        );
+        let routes: Arc<Vec<RouteVectors>> =
+            Arc::new(per_route.into_iter().map(RouteVectors::new).collect());
         let head = train_head(routes.clone()).await;
         let params = Params {
             head: false,
@@ -340,18 +337,16 @@ impl RoutingService {
         if let Some(head) = &head {
             self.store.put_routing(&head_key(name), &head.to_bytes())?;
         }
-        sets::save(&self.store, dims, ROUTER, name, bytes, &per_route).await?;
-        self.routers
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                name.to_string(),
-                Arc::new(Router {
-                    record,
-                    routes,
-                    head,
-                }),
-            );
+        let groups: Vec<&[Vec<f32>]> = routes.iter().map(|r| r.utterances.as_slice()).collect();
+        sets::save(&self.store, dims, ROUTER, name, bytes, &groups).await?;
+        self.install(
+            name,
+            Router {
+                record,
+                routes,
+                head,
+            },
+        );
         tracing::info!(router = %name, "router stored");
         Ok(())
     }
@@ -511,17 +506,14 @@ impl RoutingService {
             .zip(&params.thresholds)
             .map(|(r, t)| (r.name.clone(), *t))
             .collect();
-        self.routers
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                name.to_string(),
-                Arc::new(Router {
-                    record,
-                    routes: router.routes.clone(),
-                    head: router.head.clone(),
-                }),
-            );
+        self.install(
+            name,
+            Router {
+                record,
+                routes: router.routes.clone(),
+                head: router.head.clone(),
+            },
+        );
         Ok(FitReport {
             before,
             after,

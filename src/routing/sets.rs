@@ -43,7 +43,7 @@ pub async fn save(
     kind: &'static str,
     name: &str,
     record: Vec<u8>,
-    groups: &Groups,
+    groups: &[&[Vec<f32>]],
 ) -> Result<()> {
     let mut points = Vec::new();
     for (g, vectors) in groups.iter().enumerate() {
@@ -100,13 +100,13 @@ pub async fn remove(store: &Store, kind: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Every stored set of a kind: its name, its record's bytes and its vectors, sized by
-/// `groups_of` (how many groups the record says it has).
-pub fn load_all(
+/// Every stored set of a kind: its name, its record (parsed once) and its vectors, sized
+/// by `groups_of` (how many groups the record says it has).
+pub fn load_all<T: serde::de::DeserializeOwned>(
     store: &Store,
     kind: &str,
-    groups_of: impl Fn(&str, &[u8]) -> Result<usize>,
-) -> Result<Vec<(String, Vec<u8>, Groups)>> {
+    groups_of: impl Fn(&T) -> usize,
+) -> Result<Vec<(String, T, Groups)>> {
     let prefix = format!("{kind}/");
     let mut sets = Vec::new();
     for item in store.scan_routing() {
@@ -114,8 +114,9 @@ pub fn load_all(
         let Some(name) = key.strip_prefix(&prefix) else {
             continue;
         };
+        let record: T = serde_json::from_slice(&bytes).map_err(|e| super::corrupt(&key, e))?;
         let collection = collection(kind, name);
-        let mut found: Vec<Vec<(u64, Vec<f32>)>> = vec![Vec::new(); groups_of(&key, &bytes)?];
+        let mut found: Vec<Vec<(u64, Vec<f32>)>> = vec![Vec::new(); groups_of(&record)];
         for point in store.scan_points(&collection) {
             let point = point?;
             let payload = &point.record.payload;
@@ -139,7 +140,7 @@ pub fn load_all(
                 list.into_iter().map(|(_, v)| v).collect()
             })
             .collect();
-        sets.push((name.to_string(), bytes, groups));
+        sets.push((name.to_string(), record, groups));
     }
     Ok(sets)
 }
