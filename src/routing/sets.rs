@@ -36,7 +36,7 @@ pub async fn embed(embedder: &Embedder, groups: &[&[String]]) -> Result<Groups> 
         .collect())
 }
 
-/// Replaces a set: its vectors, then its record (written last, and flushed by the caller).
+/// Replaces a set: its vectors, then its record (written last), flushed before it returns.
 pub async fn save(
     store: &Store,
     dims: usize,
