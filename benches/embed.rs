@@ -17,7 +17,7 @@ fn embedder() -> Embedder {
     let manifest = ModelManifest::default_model();
     let files = provision::ensure(&manifest, &provision::default_model_dir()).expect("model");
     let device = select_device(DeviceChoice::Cpu).unwrap();
-    Embedder::start(&manifest, &files, &device, QueueOptions::default()).expect("embedder")
+    Embedder::start(&manifest, &files, None, &device, QueueOptions::default()).expect("embedder")
 }
 
 fn prompts(n: usize, words: usize) -> Vec<String> {

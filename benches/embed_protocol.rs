@@ -55,7 +55,7 @@ fn main() {
         ..QueueOptions::default()
     };
     let embedder = runtime.block_on(async {
-        Embedder::start(&manifest, &files, &device, options).expect("embedder")
+        Embedder::start(&manifest, &files, None, &device, options).expect("embedder")
     });
     let embed_one = |text: &str| {
         runtime

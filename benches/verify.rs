@@ -64,7 +64,7 @@ fn main() {
     let files = provision::ensure(&manifest, &provision::default_model_dir()).expect("model");
     let device = select_device(DeviceChoice::Cpu).unwrap();
     let embedder = runtime
-        .block_on(async { Embedder::start(&manifest, &files, &device, options) })
+        .block_on(async { Embedder::start(&manifest, &files, None, &device, options) })
         .expect("embedder");
     let mut embed_us = Vec::with_capacity(pairs.len());
     for (query, _) in pairs.iter().take(20) {

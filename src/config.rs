@@ -103,6 +103,11 @@ pub struct ServeArgs {
     pub no_saved_indexes: bool,
     #[command(flatten)]
     pub model: ModelArgs,
+    /// LoRA adapter merged into the model at load: none, qqp (built in: tuned on Quora
+    /// duplicates), or the path of a .safetensors adapter. Unset: whatever the data dir's
+    /// vectors were made with (a new data dir: none). Vectors from one never meet the other.
+    #[arg(long, env = "SEMCACHE_ADAPTER", value_name = "ADAPTER")]
+    pub adapter: Option<crate::embed::adapter::AdapterChoice>,
     /// Compute device for embeddings: auto uses CUDA when built with it and a GPU is present.
     #[arg(long, env = "SEMCACHE_DEVICE", value_enum, default_value = "auto")]
     pub device: DeviceChoice,
@@ -122,9 +127,10 @@ pub struct ServeArgs {
     /// Log line format.
     #[arg(long, env = "SEMCACHE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
-    /// Default minimum cosine similarity for a semantic hit, in [0, 1].
-    #[arg(long, env = "SEMCACHE_SIMILARITY_THRESHOLD", default_value_t = 0.9)]
-    pub similarity_threshold: f32,
+    /// Default minimum cosine similarity for a semantic hit, in [0, 1] [default: 0.9;
+    /// with an adapter, the adapter's own (qqp: see docs/hit-quality.md)].
+    #[arg(long, env = "SEMCACHE_SIMILARITY_THRESHOLD")]
+    pub similarity_threshold: Option<f32>,
     /// Caches with maxErrorRate: a fresh answer confirms the cached one it explored
     /// when their embeddings' cosine is at least this (and they agree in numbers,
     /// names and negations). See docs/hit-quality.md for how noisy this is.
@@ -280,7 +286,10 @@ impl ServeArgs {
 
     pub fn cache_config(&self) -> CacheConfig {
         CacheConfig {
-            similarity_threshold: self.similarity_threshold.clamp(0.0, 1.0),
+            similarity_threshold: self
+                .similarity_threshold
+                .unwrap_or(CacheConfig::default().similarity_threshold)
+                .clamp(0.0, 1.0),
             answer_similarity: self.answer_similarity.clamp(0.0, 1.0),
             default_ttl_ms: self.default_ttl_millis,
             index: IndexParams {

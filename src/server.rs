@@ -187,13 +187,32 @@ async fn load(args: ServeArgs, store: Store, state: AppState) -> anyhow::Result<
     state.set_phase("loading model");
     let queue = args.queue_options();
     let device_choice = args.device;
-    let config = args.cache_config();
+    let mut config = args.cache_config();
     let collection_config = args.collection_config();
+    let adapter_choice = args.adapter.clone();
+    let threshold_given = args.similarity_threshold.is_some();
     let cores = tokio::task::spawn_blocking(move || -> anyhow::Result<Cores> {
         let manifest = ModelManifest::default_model();
+        let adapter = embed::adapter::for_store(
+            adapter_choice,
+            store.embedding_space()?,
+            store.holds_vectors(),
+            &manifest.name,
+        )?;
+        // An adapter moves similarities: its own default threshold keeps the precision
+        // of the base model's default.
+        if let Some(threshold) = adapter.as_ref().and_then(|a| a.threshold) {
+            if !threshold_given {
+                config.similarity_threshold = threshold;
+            }
+        }
         let device = embed::select_device(device_choice)?;
-        let embedder = Embedder::start(&manifest, &files, &device, queue)?;
-        tracing::info!(model = %manifest.name, device = ?device, "model loaded");
+        let embedder = Embedder::start(&manifest, &files, adapter.as_ref(), &device, queue)?;
+        let space = embedder.info().space();
+        if store.embedding_space()?.as_deref() != Some(space.as_str()) {
+            store.set_embedding_space(&space)?;
+        }
+        tracing::info!(model = %manifest.name, adapter = embedder.info().adapter.as_deref().unwrap_or("none"), device = ?device, "model loaded");
         let collections =
             CollectionService::open(store.clone(), embedder.clone(), collection_config)?;
         let routing =

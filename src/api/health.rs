@@ -27,6 +27,7 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
                 Json(json!({
                     "status": "ready",
                     "model": info.model,
+                    "adapter": info.adapter,
                     "device": info.device,
                     "kernel": info.kernel,
                     "caches": core.cache_count(),

@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
 
+use super::adapter::Adapter;
 use super::kernels::{self, Activation, PackedLinear, Precision};
 use super::provision::ModelFiles;
 use super::tokenize::TokenizedText;
@@ -73,7 +74,12 @@ pub struct BertBackend {
 }
 
 impl BertBackend {
-    pub fn load(files: &ModelFiles, device: &Device) -> Result<Self, EmbedError> {
+    /// Loads the model; `adapter`'s updates are merged into the weights first.
+    pub fn load(
+        files: &ModelFiles,
+        adapter: Option<&Adapter>,
+        device: &Device,
+    ) -> Result<Self, EmbedError> {
         let load_error = |e: &dyn std::fmt::Display, path: &std::path::Path| {
             EmbedError::Load(format!("{}: {e}", path.display()))
         };
@@ -82,11 +88,21 @@ impl BertBackend {
         let config: BertConfig =
             serde_json::from_str(&config_text).map_err(|e| load_error(&e, &files.config))?;
         config.check().map_err(|e| load_error(&e, &files.config))?;
-        // SAFETY: the weights file is ours (hash-verified at provisioning) and is not
-        // modified while mapped.
-        let vb =
-            unsafe { VarBuilder::from_mmaped_safetensors(&[&files.weights], DType::F32, device) }
-                .map_err(|e| load_error(&e, &files.weights))?;
+        let vb = match adapter {
+            // SAFETY: the weights file is ours (hash-verified at provisioning) and is not
+            // modified while mapped.
+            None => unsafe {
+                VarBuilder::from_mmaped_safetensors(&[&files.weights], DType::F32, device)
+            }
+            .map_err(|e| load_error(&e, &files.weights))?,
+            Some(adapter) => {
+                let mut weights = candle_core::safetensors::load(&files.weights, &Device::Cpu)
+                    .map_err(|e| load_error(&e, &files.weights))?;
+                let layers = adapter.merge_into(&mut weights)?;
+                tracing::info!(adapter = %adapter.id(), layers, "adapter merged into the weights");
+                VarBuilder::from_tensors(weights, DType::F32, device)
+            }
+        };
         let kernel = device.is_cpu().then(kernels::Kernel::chosen);
         if let Some(kernel) = kernel {
             tracing::info!(

@@ -11,6 +11,7 @@
 //! split a layer across the cores no other worker is using: a lone request gets every
 //! core, a saturated server runs one batch per core without hand-offs.
 
+pub mod adapter;
 pub mod bert;
 pub mod kernels;
 pub mod manifest;
@@ -24,6 +25,7 @@ use std::thread;
 use candle_core::Device;
 use tokio::sync::{mpsc, oneshot};
 
+use adapter::Adapter;
 use bert::BertBackend;
 use manifest::ModelManifest;
 use provision::ModelFiles;
@@ -157,6 +159,8 @@ impl Pace {
 #[derive(Debug)]
 pub struct EmbedderInfo {
     pub model: String,
+    /// The adapter merged into the model (`name@sha256 prefix`), if any.
+    pub adapter: Option<String>,
     pub dimensions: usize,
     pub device: String,
     /// The CPU kernel (`SEMCACHE_EMBED_KERNEL`), or `gpu`.
@@ -165,16 +169,31 @@ pub struct EmbedderInfo {
     pub workers: usize,
 }
 
+impl EmbedderInfo {
+    /// What a stored vector's meaning depends on: the model, and the adapter if any.
+    /// Vectors from two different spaces must never be compared.
+    pub fn space(&self) -> String {
+        match &self.adapter {
+            Some(adapter) => format!("{}+{adapter}", self.model),
+            None => self.model.clone(),
+        }
+    }
+}
+
 impl Embedder {
     /// Loads the model and starts the inference thread.
     pub fn start(
         manifest: &ModelManifest,
         files: &ModelFiles,
+        adapter: Option<&Adapter>,
         device: &Device,
         options: QueueOptions,
     ) -> Result<Self, EmbedError> {
         let tokenizer = TextTokenizer::load(&files.tokenizer, manifest.max_seq_length)?;
-        let backend = BertBackend::load(files, device)?;
+        if let Some(adapter) = adapter {
+            adapter::check_base(adapter, &manifest.name)?;
+        }
+        let backend = BertBackend::load(files, adapter, device)?;
         if backend.dimensions() != manifest.dimensions {
             return Err(EmbedError::Load(format!(
                 "model has {} dimensions, manifest says {}",
@@ -190,6 +209,7 @@ impl Embedder {
         };
         let info = Arc::new(EmbedderInfo {
             model: manifest.name.clone(),
+            adapter: adapter.map(Adapter::id),
             dimensions: manifest.dimensions,
             device: format!("{device:?}"),
             kernel: backend.kernel_name().to_string(),

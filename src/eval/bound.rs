@@ -13,6 +13,7 @@
 //! pair's two wordings at random, and two answers agree when equal or when their
 //! embeddings' cosine reaches `--answer-similarity`.
 
+use crate::embed::adapter::AdapterChoice;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -63,6 +64,9 @@ pub struct BoundArgs {
     pub fit_prior: bool,
     #[arg(long, env = "SEMCACHE_MODEL_DIR")]
     pub model_dir: Option<PathBuf>,
+    /// The adapter merged into the model (none, qqp, or a .safetensors file).
+    #[arg(long, default_value = "none")]
+    pub adapter: AdapterChoice,
 }
 
 /// Candidates remembered per query (earlier questions, nearest first).
@@ -191,13 +195,13 @@ pub(super) struct EvalEmbedder {
 }
 
 impl EvalEmbedder {
-    pub fn start(model_dir: Option<PathBuf>) -> anyhow::Result<Self> {
+    pub fn start(model_dir: Option<PathBuf>, adapter: &AdapterChoice) -> anyhow::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?;
         let embedder = {
             let _entered = runtime.enter();
-            default_embedder(model_dir)?
+            default_embedder(model_dir, adapter)?
         };
         let cache = crate::embed::provision::cache_root().join("eval-vectors");
         Ok(Self {
@@ -220,7 +224,7 @@ async fn embed_all(
     cache: &std::path::Path,
 ) -> anyhow::Result<Vec<Vec<f32>>> {
     let mut hasher = Sha256::new();
-    hasher.update(embedder.info().model.as_bytes());
+    hasher.update(embedder.info().space().as_bytes());
     for t in texts {
         hasher.update(t.as_bytes());
         hasher.update([0u8]);
@@ -375,7 +379,7 @@ fn run(stream: &Stream, policy: &Policy, seed: u64, observed: &mut Vec<Observati
 pub fn run_eval(args: BoundArgs) -> anyhow::Result<()> {
     let (texts, group) = questions(&args)?;
     let groups = group.iter().max().map_or(0, |g| g + 1);
-    let embedder = EvalEmbedder::start(args.model_dir.clone())?;
+    let embedder = EvalEmbedder::start(args.model_dir.clone(), &args.adapter)?;
     let vectors = embedder.embed(&texts)?;
     let answers = match &args.gptcache {
         Some(path) => {

@@ -7,6 +7,7 @@
 //! prompt is blocked when its cosine to the closest example reaches the threshold, as
 //! the guard does.
 
+use crate::embed::adapter::AdapterChoice;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
@@ -79,7 +80,7 @@ fn share(scores: &[(usize, f32)], t: f32) -> f64 {
 
 pub fn run(args: GuardArgs) -> anyhow::Result<()> {
     let set: AttackSet = read(&args.attacks)?;
-    let embedder = EvalEmbedder::start(args.model_dir.clone())?;
+    let embedder = EvalEmbedder::start(args.model_dir.clone(), &AdapterChoice::None)?;
     let mut categories = Vec::new();
     for c in &set.guard.categories {
         categories.push(embedder.embed(&c.examples)?);

@@ -23,7 +23,8 @@ use serde::Deserialize;
 
 use crate::cache::{CacheConfig, CacheService, NewEntry, Query, SearchOutcome};
 use crate::embed::{
-    manifest::ModelManifest, provision, select_device, DeviceChoice, Embedder, QueueOptions,
+    adapter::AdapterChoice, manifest::ModelManifest, provision, select_device, DeviceChoice,
+    Embedder, QueueOptions,
 };
 use crate::store::Store;
 
@@ -51,6 +52,9 @@ pub struct EvalArgs {
     /// Use only the first N pairs (0 = all).
     #[arg(long, default_value_t = 0)]
     pub limit: usize,
+    /// The adapter merged into the model (none, qqp, or a .safetensors file).
+    #[arg(long, default_value = "none")]
+    pub adapter: AdapterChoice,
 }
 
 #[derive(Deserialize)]
@@ -233,13 +237,62 @@ fn curve(
         .collect()
 }
 
+/// The precision, and the threshold, at which the hits' recall first reaches `recall`
+/// (hits taken in order of similarity): one number to compare models by, free of the
+/// threshold grid. `None` when recall never gets there.
+fn precision_at_recall(
+    task: &Task,
+    observed: &[Observed],
+    pick: impl Fn(&Observed) -> Option<&(String, f32)>,
+    format: PairsFormat,
+    recall: f64,
+) -> Option<(f64, f32)> {
+    let mut hits: Vec<(f32, i32)> = task
+        .queries
+        .iter()
+        .zip(observed)
+        .filter_map(|(query, obs)| {
+            let (entry, sim) = pick(obs)?;
+            let verdict = match format {
+                PairsFormat::Labelled => task.labels.judge(query, entry),
+                PairsFormat::Paraphrases => {
+                    if task.labels.root(query) == task.labels.root(entry) {
+                        1
+                    } else {
+                        -1
+                    }
+                }
+            };
+            Some((*sim, verdict))
+        })
+        .collect();
+    hits.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let needed = recall * task.labels.duplicates.max(1) as f64;
+    let (mut correct, mut wrong) = (0usize, 0usize);
+    for (sim, verdict) in hits {
+        match verdict {
+            1 => correct += 1,
+            -1 => wrong += 1,
+            _ => continue,
+        }
+        if correct as f64 >= needed {
+            return Some((correct as f64 / (correct + wrong) as f64, sim));
+        }
+    }
+    None
+}
+
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let task = load(&args.pairs, args.format, args.limit)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let observed = runtime.block_on(simulate(&task, args.model_dir.clone()))?;
-    let default_threshold = CacheConfig::default().similarity_threshold;
+    let observed = runtime.block_on(simulate(&task, args.model_dir.clone(), &args.adapter))?;
+    let default_threshold = args
+        .adapter
+        .load()?
+        .and_then(|a| a.threshold)
+        .unwrap_or(CacheConfig::default().similarity_threshold);
     let mut thresholds: Vec<f32> = (35..=49).map(|i| i as f32 * 0.02).collect();
     if !thresholds
         .iter()
@@ -264,8 +317,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     );
 
     println!(
-        "{}: {} entries inserted, {} queries, {} duplicate pairs",
+        "{} (adapter {}): {} entries inserted, {} queries, {} duplicate pairs",
         args.pairs.display(),
+        args.adapter,
         task.inserts.len(),
         task.queries.len(),
         task.labels.duplicates
@@ -278,9 +332,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         } else {
             ""
         };
+        // Off the 0.02 grid (an adapter's default), with the digit that tells it apart.
+        let threshold = format!("{:.3}", o.threshold);
+        let threshold = threshold.strip_suffix('0').unwrap_or(&threshold);
         println!(
-            "| {:.2}{} | {:.3} | {:.3} | {} / {} | {:.3} | {:.3} | {} / {} |",
-            o.threshold,
+            "| {threshold}{} | {:.3} | {:.3} | {} / {} | {:.3} | {:.3} | {} / {} |",
             mark,
             o.precision,
             o.recall,
@@ -290,6 +346,30 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             p.recall,
             p.correct,
             p.wrong
+        );
+    }
+    println!();
+    for recall in [0.5, 0.6] {
+        let show = |at: Option<(f64, f32)>| match at {
+            Some((p, t)) => format!("{p:.3} (threshold {t:.3})"),
+            None => "not reached".into(),
+        };
+        println!(
+            "precision at recall {recall:.2}: semcache {}, plain cosine {}",
+            show(precision_at_recall(
+                &task,
+                &observed,
+                |o| o.ours.as_ref(),
+                args.format,
+                recall
+            )),
+            show(precision_at_recall(
+                &task,
+                &observed,
+                |o| o.nearest.as_ref(),
+                args.format,
+                recall
+            )),
         );
     }
     // Which rule rejected the nearest candidate, and whether the labels agree.
@@ -339,20 +419,28 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
 
 /// The default model (fetched if needed) behind the service's batching queue; call
 /// inside a Tokio runtime.
-fn default_embedder(model_dir: Option<PathBuf>) -> anyhow::Result<Embedder> {
+fn default_embedder(
+    model_dir: Option<PathBuf>,
+    adapter: &AdapterChoice,
+) -> anyhow::Result<Embedder> {
     let manifest = ModelManifest::default_model();
     let dir = model_dir.unwrap_or_else(provision::default_model_dir);
     let files = provision::ensure(&manifest, &dir)?;
     Ok(Embedder::start(
         &manifest,
         &files,
+        adapter.load()?.as_ref(),
         &select_device(DeviceChoice::Auto)?,
         QueueOptions::default(),
     )?)
 }
 
-async fn simulate(task: &Task, model_dir: Option<PathBuf>) -> anyhow::Result<Vec<Observed>> {
-    let embedder = default_embedder(model_dir)?;
+async fn simulate(
+    task: &Task,
+    model_dir: Option<PathBuf>,
+    adapter: &AdapterChoice,
+) -> anyhow::Result<Vec<Observed>> {
+    let embedder = default_embedder(model_dir, adapter)?;
     let data = tempfile::tempdir()?;
     let store = Store::open(data.path())?;
     let core = Arc::new(CacheService::open(store, embedder, CacheConfig::default())?);

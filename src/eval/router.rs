@@ -6,6 +6,7 @@
 //! half (even positions per intent, even out-of-scope positions), score the other, swap,
 //! average. `oos_train` is a second out-of-scope set no fit sees.
 
+use crate::embed::adapter::AdapterChoice;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -132,7 +133,7 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
         .map(|(n, i)| (i.as_str(), n))
         .collect();
 
-    let vectors = EvalEmbedder::start(args.model_dir.clone())?;
+    let vectors = EvalEmbedder::start(args.model_dir.clone(), &AdapterChoice::None)?;
     let embed = |pairs: &Pairs| -> anyhow::Result<Vec<Vec<f32>>> {
         let texts: Vec<String> = pairs.iter().map(|(t, _)| t.clone()).collect();
         vectors.embed(&texts)

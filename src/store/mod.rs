@@ -1,7 +1,8 @@
 //! Durable storage in sled: the source of truth for entries and their vectors.
 //!
 //! Trees:
-//! - `meta`: the on-disk format version (see `migrations/`);
+//! - `meta`: the on-disk format version (see `migrations/`) and the embedding space
+//!   (model and adapter) the vectors were made in;
 //! - `entries`: `{cacheId}/{entryId}` → JSON [`EntryRecord`];
 //! - `vectors`: the same key → the embedding as little-endian f32s;
 //! - collections' trees: see [`points`].
@@ -552,7 +553,33 @@ impl Store {
     pub fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)
     }
+
+    /// The embedding space (model, adapter) this store's vectors were made in, if
+    /// recorded. Stores written before it was recorded hold none.
+    pub fn embedding_space(&self) -> Result<Option<String>, StoreError> {
+        let meta = self.db.open_tree("meta")?;
+        Ok(meta
+            .get(SPACE_KEY)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Records the embedding space, durably.
+    pub fn set_embedding_space(&self, space: &str) -> Result<(), StoreError> {
+        self.db
+            .open_tree("meta")?
+            .insert(SPACE_KEY, space.as_bytes())?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Whether any cache entry, collection or stored set exists (what an older store
+    /// without a recorded embedding space made with its model).
+    pub fn holds_vectors(&self) -> bool {
+        !(self.entries.is_empty() && self.collections.is_empty() && self.routing.is_empty())
+    }
 }
+
+const SPACE_KEY: &str = "embedding_space";
 
 type Waiter = tokio::sync::oneshot::Sender<Result<(), String>>;
 
