@@ -238,10 +238,7 @@ pub fn for_store(
         },
     };
     let adapter = choice.load()?;
-    let space = match &adapter {
-        Some(a) => format!("{model}+{}", a.id()),
-        None => model.to_string(),
-    };
+    let space = space(model, adapter.as_ref().map(Adapter::id).as_deref());
     if let Some(recorded) = recorded.filter(|r| *r != space) {
         return Err(EmbedError::Load(format!(
             "this data dir's vectors were made with {recorded}, but this server embeds with {space}; \
@@ -249,6 +246,14 @@ pub fn for_store(
         )));
     }
     Ok(adapter)
+}
+
+/// The embedding space's name: the model, and the adapter's id if any.
+pub fn space(model: &str, adapter_id: Option<&str>) -> String {
+    match adapter_id {
+        Some(id) => format!("{model}+{id}"),
+        None => model.to_string(),
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -279,6 +284,34 @@ mod tests {
         assert_eq!(adapter.sha256, QQP_SHA256);
         assert_eq!(adapter.base, "sentence-transformers/all-MiniLM-L6-v2");
         assert!(adapter.id().starts_with("qqp@"));
+    }
+
+    #[test]
+    fn a_store_keeps_its_space() {
+        let qqp = || Some(AdapterChoice::Builtin("qqp".into()));
+        let id = format!("qqp@{}", &QQP_SHA256[..12]);
+        let name = |r: Result<Option<Adapter>, EmbedError>| r.map(|a| a.map(|a| a.name));
+        // A new store takes the choice, or the base model.
+        assert_eq!(name(for_store(None, None, false, "m")).unwrap(), None);
+        assert_eq!(
+            name(for_store(qqp(), None, false, "m")).unwrap(),
+            Some("qqp".into())
+        );
+        // An older store with vectors and no record was made with the base model.
+        assert_eq!(name(for_store(None, None, true, "m")).unwrap(), None);
+        assert!(for_store(qqp(), None, true, "m").is_err());
+        // Unset follows the record; a different choice is refused.
+        let recorded = Some(format!("m+{id}"));
+        assert_eq!(
+            name(for_store(None, recorded.clone(), true, "m")).unwrap(),
+            Some("qqp".into())
+        );
+        assert!(for_store(Some(AdapterChoice::None), recorded, true, "m").is_err());
+        // Another build of the adapter, another model, an adapter file: refused, unset.
+        assert!(for_store(None, Some("m+qqp@000000000000".into()), true, "m").is_err());
+        assert!(for_store(None, Some("other".into()), true, "m").is_err());
+        let file = for_store(None, Some("m+mine@0123456789ab".into()), true, "m");
+        assert!(matches!(file, Err(EmbedError::Load(why)) if why.contains("--adapter")));
     }
 
     #[test]

@@ -173,10 +173,7 @@ impl EmbedderInfo {
     /// What a stored vector's meaning depends on: the model, and the adapter if any.
     /// Vectors from two different spaces must never be compared.
     pub fn space(&self) -> String {
-        match &self.adapter {
-            Some(adapter) => format!("{}+{adapter}", self.model),
-            None => self.model.clone(),
-        }
+        adapter::space(&self.model, self.adapter.as_deref())
     }
 }
 
