@@ -193,9 +193,10 @@ async fn load(args: ServeArgs, store: Store, state: AppState) -> anyhow::Result<
     let threshold_given = args.similarity_threshold.is_some();
     let cores = tokio::task::spawn_blocking(move || -> anyhow::Result<Cores> {
         let manifest = ModelManifest::default_model();
+        let recorded = store.embedding_space()?;
         let adapter = embed::adapter::for_store(
             adapter_choice,
-            store.embedding_space()?,
+            recorded.clone(),
             store.holds_vectors(),
             &manifest.name,
         )?;
@@ -209,7 +210,7 @@ async fn load(args: ServeArgs, store: Store, state: AppState) -> anyhow::Result<
         let device = embed::select_device(device_choice)?;
         let embedder = Embedder::start(&manifest, &files, adapter.as_ref(), &device, queue)?;
         let space = embedder.info().space();
-        if store.embedding_space()?.as_deref() != Some(space.as_str()) {
+        if recorded.as_deref() != Some(space.as_str()) {
             store.set_embedding_space(&space)?;
         }
         tracing::info!(model = %manifest.name, adapter = embedder.info().adapter.as_deref().unwrap_or("none"), device = ?device, "model loaded");
