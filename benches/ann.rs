@@ -93,13 +93,10 @@ fn main() {
     }
     let build_s = started.elapsed().as_secs_f64();
     println!(
-        "semcache index (hnsw_rs, M=16, efc=200): {n} vectors x {dim}, {nq} queries; \
-         build {build_s:.1} s (1 thread); exact brute force {brute_qps:.0} QPS (1 thread)"
+        "semcache index (hnsw_rs 0.3.5 builds, M=16, efc=200): {n} vectors x {dim}, {nq} \
+         queries; build {build_s:.1} s (1 thread); exact brute force {brute_qps:.0} QPS (1 thread)"
     );
-    println!("| ef | recall@10 | QPS (1 thread, one query per call) |");
-    println!("|---|---|---|");
-    for ef in [16, 32, 64, 128, 256] {
-        index.set_ef_search(ef);
+    let recall_of = |index: &VectorIndex| -> f64 {
         let found: Vec<Vec<usize>> = queries
             .iter()
             .map(|q| {
@@ -107,21 +104,77 @@ fn main() {
                 hits.into_iter().map(|h| h.slot).collect()
             })
             .collect();
-        let recall = found
+        found
             .iter()
             .zip(&truth)
             .map(|(f, t)| f.iter().filter(|s| t.contains(s)).count() as f64 / K as f64)
             .sum::<f64>()
-            / nq as f64;
+            / nq as f64
+    };
+    // Queries per second over `threads` threads, each taking every `threads`-th query.
+    let qps_of = |index: &VectorIndex, threads: usize| -> f64 {
         let passes: Vec<f64> = (0..5)
             .map(|_| {
                 let started = Instant::now();
-                for q in &queries {
-                    std::hint::black_box(index.search(q, K, &|_| true).unwrap());
-                }
+                std::thread::scope(|scope| {
+                    for t in 0..threads {
+                        let queries = &queries;
+                        scope.spawn(move || {
+                            for q in queries.iter().skip(t).step_by(threads) {
+                                std::hint::black_box(index.search(q, K, &|_| true).unwrap());
+                            }
+                        });
+                    }
+                });
                 nq as f64 / started.elapsed().as_secs_f64()
             })
             .collect();
-        println!("| {ef} | {recall:.3} | {:.0} |", median(passes));
+        median(passes)
+    };
+    let efs = [16, 32, 64, 128, 256];
+    let mut live_rows = Vec::new();
+    for ef in efs {
+        index.set_ef_search(ef);
+        live_rows.push((recall_of(&index), qps_of(&index, 1)));
+    }
+    // The same graph frozen into a segment (what every save makes, and a restart maps).
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let files = index.freeze(dir.path()).unwrap();
+    let freeze_s = started.elapsed().as_secs_f64();
+    let bytes: u64 = files
+        .iter()
+        .map(|f| std::fs::metadata(f).unwrap().len())
+        .sum();
+    let started = Instant::now();
+    let mut frozen = VectorIndex::open(&files, dim, params).unwrap();
+    let open_ms = started.elapsed().as_secs_f64() * 1e3;
+    println!(
+        "frozen: written in {freeze_s:.2} s, {bytes} bytes ({:.0} per vector), opened (checked) in {open_ms:.1} ms",
+        bytes as f64 / n as f64
+    );
+    println!("| ef | hnsw_rs recall@10 | hnsw_rs QPS | frozen recall@10 | frozen QPS (1 thread) | frozen / hnsw_rs |");
+    println!("|---|---|---|---|---|---|");
+    for (ef, (live_recall, live_qps)) in efs.iter().zip(&live_rows) {
+        frozen.set_ef_search(*ef);
+        let (recall, qps) = (recall_of(&frozen), qps_of(&frozen, 1));
+        println!(
+            "| {ef} | {live_recall:.3} | {live_qps:.0} | {recall:.3} | {qps:.0} | {:.2}x |",
+            qps / live_qps
+        );
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    println!("\nfrozen, ef=64, threads sharing one index ({cores} cores):");
+    println!("| threads | QPS | vs 1 thread |");
+    println!("|---|---|---|");
+    frozen.set_ef_search(64);
+    let one = qps_of(&frozen, 1);
+    for threads in [1, 2, 16] {
+        let qps = if threads == 1 {
+            one
+        } else {
+            qps_of(&frozen, threads)
+        };
+        println!("| {threads} | {qps:.0} | {:.2}x |", qps / one);
     }
 }

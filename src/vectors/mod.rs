@@ -20,6 +20,10 @@ use crate::index::{IndexParams, VectorIndex};
 use crate::metrics::metrics;
 use crate::store::EntryId;
 
+/// Frozen segments a set may have before upkeep rebuilds it into one (a search walks
+/// every segment; saves add one each).
+pub const MAX_SEGMENTS: usize = 4;
+
 /// What a core keeps per slot, seen from this layer.
 pub trait SlotMap: Default + Send + Sync + 'static {
     /// Live (searchable) slots.
@@ -127,10 +131,12 @@ impl<T: SlotMap> IndexedSet<T> {
         (t.live(), t.tombstones())
     }
 
-    /// Whether tombstones outnumber live points and are enough to be worth a rebuild.
+    /// Whether a rebuild is due: tombstones outnumber live points and are enough to be
+    /// worth it, or saves have left more frozen segments than a search should walk
+    /// (each save freezes what was added since the last into a segment of its own).
     pub fn needs_rebuild(&self) -> bool {
         let (live, tombstones) = self.counts();
-        tombstones >= 1024 && tombstones > live
+        tombstones >= 1024 && tombstones > live || self.generation().index.segments() > MAX_SEGMENTS
     }
 
     /// Saves the current graph under `root/<name>` if `when` says it is stale.

@@ -6,9 +6,13 @@
 //! is: at start-up its slots whose entries are gone become tombstones, and entries
 //! written after it was saved are inserted as before.
 //!
-//! Layout: `<root>/<hex cache id>/<sequence>/` holding hnsw_rs's `graph.hnsw.graph` and
-//! `graph.hnsw.data` plus our `slots.bin`. A save writes `<sequence>.partial/`, syncs it
-//! and renames it into place, so a crash mid-save leaves the previous save intact.
+//! Layout: `<root>/<hex cache id>/segments/` holds the index's frozen segment files
+//! (written once each, shared by successive saves), and `<root>/<hex cache id>/<sequence>/`
+//! our `slots.bin`, which names the segments of that save. A save freezes the live graph
+//! into a new segment, writes `<sequence>.partial/`, syncs both and renames the partial
+//! into place, so a crash mid-save leaves the previous save intact; then older saves and
+//! the segments only they named are removed. (Saves before segments held hnsw_rs's
+//! `graph.hnsw.graph` and `graph.hnsw.data` in the sequence directory; they still load.)
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -23,7 +27,10 @@ use crate::store::EntryId;
 const MAGIC_V1: &[u8; 8] = b"SEMSLOT1";
 /// Adds CRC-32s of the graph and data files: hnsw_rs trusts their contents (a flipped
 /// length field would make its loader abort), so a damaged save must never reach it.
-const MAGIC: &[u8; 8] = b"SEMSLOT2";
+const MAGIC_V2: &[u8; 8] = b"SEMSLOT2";
+/// Frozen segments instead of hnsw_rs files: the slot map names them (each checks itself).
+const MAGIC: &[u8; 8] = b"SEMSLOT3";
+const SEGMENTS: &str = "segments";
 const SLOTS_FILE: &str = "slots.bin";
 const PARTIAL: &str = ".partial";
 
@@ -97,29 +104,47 @@ pub fn save(
         });
     }
     let dir = cache_dir(root, cache_id);
-    fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+    let segments = dir.join(SEGMENTS);
+    fs::create_dir_all(&segments).map_err(io_error(&segments))?;
     let sequence = complete_saves(&dir).first().map_or(1, |n| n + 1);
     let partial = dir.join(format!("{sequence:020}{PARTIAL}"));
     let _ = fs::remove_dir_all(&partial);
     fs::create_dir(&partial).map_err(io_error(&partial))?;
-    index.save(&partial)?;
-    let files = saved_files(&partial);
-    let checksums = [file_crc(&files[0])?, file_crc(&files[1])?];
-    write_slots(&partial.join(SLOTS_FILE), index, slots, checksums)?;
-    for path in &files {
-        File::open(path)
-            .and_then(|f| f.sync_all())
-            .map_err(io_error(path))?;
+    let files = index.freeze(&segments)?;
+    let mut names = Vec::with_capacity(files.len());
+    for file in &files {
+        // Every segment of this set lives in its own directory; one elsewhere (never
+        // expected) would be lost when that directory is cleaned, so it is not saved.
+        match file.file_name().and_then(|n| n.to_str()) {
+            Some(name) if file.parent() == Some(segments.as_path()) => names.push(name.to_string()),
+            _ => {
+                return Err(SavedError::Io {
+                    path: file.display().to_string(),
+                    reason: "segment outside the set's directory".into(),
+                })
+            }
+        }
     }
+    sync_dir(&segments)?;
+    write_slots(&partial.join(SLOTS_FILE), index, slots, &names)?;
     sync_dir(&partial)?;
     let done = dir.join(format!("{sequence:020}"));
     fs::rename(&partial, &done).map_err(io_error(&done))?;
     sync_dir(&dir)?;
-    // Older saves, and partial ones a crash left behind, are garbage now.
+    // Older saves, partial ones a crash left behind, and segments no save names any
+    // more are garbage now (a search still walking one keeps its mapping).
     if let Ok(entries) = fs::read_dir(&dir) {
         for entry in entries.flatten() {
-            if entry.file_name() != done.file_name().unwrap_or_default() {
+            let name = entry.file_name();
+            if name != done.file_name().unwrap_or_default() && name != SEGMENTS {
                 let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    if let Ok(entries) = fs::read_dir(&segments) {
+        for entry in entries.flatten() {
+            if !names.iter().any(|n| entry.file_name() == n.as_str()) {
+                let _ = fs::remove_file(entry.path());
             }
         }
     }
@@ -146,24 +171,33 @@ fn file_crc(path: &Path) -> Result<u32, SavedError> {
     }
 }
 
-/// `slots.bin`: magic, dimensions, M, ef_construction, slot count, the CRC-32s of the
-/// graph and data files, then per slot the 16-byte entry id and an alive byte, then a
-/// SHA-256 of everything before it. (`SEMSLOT1` files lack the two CRCs.)
+/// `slots.bin`: magic, dimensions, M, ef_construction, slot count, the number of
+/// segments, each segment's file name (a length byte, then UTF-8), then per slot the
+/// 16-byte entry id and an alive byte, then a SHA-256 of everything before it.
+/// (`SEMSLOT2` files have the CRC-32s of hnsw_rs's two files where the segments are;
+/// `SEMSLOT1` files lack those too.)
 fn write_slots(
     path: &Path,
     index: &VectorIndex,
     slots: &[(EntryId, bool)],
-    checksums: [u32; 2],
+    segments: &[String],
 ) -> Result<(), SavedError> {
     let params = index.params();
-    let mut bytes = Vec::with_capacity(48 + slots.len() * 17 + 32);
+    let mut bytes = Vec::with_capacity(64 + segments.len() * 40 + slots.len() * 17);
     bytes.extend_from_slice(MAGIC);
     bytes.extend_from_slice(&(index.dimensions() as u32).to_le_bytes());
     bytes.extend_from_slice(&(params.max_connections as u32).to_le_bytes());
     bytes.extend_from_slice(&(params.ef_construction as u32).to_le_bytes());
     bytes.extend_from_slice(&(slots.len() as u64).to_le_bytes());
-    bytes.extend_from_slice(&checksums[0].to_le_bytes());
-    bytes.extend_from_slice(&checksums[1].to_le_bytes());
+    bytes.extend_from_slice(&(segments.len() as u32).to_le_bytes());
+    for name in segments {
+        let name = name.as_bytes();
+        bytes.push(u8::try_from(name.len()).map_err(|_| SavedError::Io {
+            path: path.display().to_string(),
+            reason: "segment name too long".into(),
+        })?);
+        bytes.extend_from_slice(name);
+    }
     for (id, alive) in slots {
         bytes.extend_from_slice(&id.0);
         bytes.push(u8::from(*alive));
@@ -176,29 +210,42 @@ fn write_slots(
         .map_err(io_error(path))
 }
 
-/// A slot map and, for saves that recorded them, the graph and data files' CRC-32s.
-type SlotMap = (Vec<(EntryId, bool)>, Option<[u32; 2]>);
+/// What a save's index is made of.
+enum Saved {
+    /// Frozen segment files, by name in the set's `segments` directory.
+    Segments(Vec<String>),
+    /// hnsw_rs's files in the save's directory, with their CRC-32s where recorded.
+    Hnsw(Option<[u32; 2]>),
+}
 
-fn read_slots(path: &Path, dimensions: usize, params: IndexParams) -> Result<SlotMap, SavedError> {
+fn read_slots(
+    path: &Path,
+    dimensions: usize,
+    params: IndexParams,
+) -> Result<(Vec<(EntryId, bool)>, Saved), SavedError> {
     let bad = |reason: &str| SavedError::Io {
         path: path.display().to_string(),
         reason: reason.to_string(),
     };
     let bytes = fs::read(path).map_err(io_error(path))?;
-    let checksummed = match bytes.get(..8) {
-        Some(m) if m == MAGIC => true,
-        Some(m) if m == MAGIC_V1 => false,
+    let version = match bytes.get(..8) {
+        Some(m) if m == MAGIC => 3,
+        Some(m) if m == MAGIC_V2 => 2,
+        Some(m) if m == MAGIC_V1 => 1,
         _ => return Err(bad("not a slot map")),
     };
-    let header = if checksummed { 36 } else { 28 };
-    if bytes.len() < header + 32 {
+    if bytes.len() < 32 + 32 {
         return Err(bad("not a slot map"));
     }
     let (body, digest) = bytes.split_at(bytes.len() - 32);
     if Sha256::digest(body).as_slice() != digest {
         return Err(bad("checksum mismatch"));
     }
-    let word = |at: usize| u32::from_le_bytes(body[at..at + 4].try_into().unwrap_or([0; 4]));
+    let word = |at: usize| {
+        body.get(at..at + 4)
+            .and_then(|w| w.try_into().ok())
+            .map_or(0, u32::from_le_bytes)
+    };
     if word(8) as usize != dimensions
         || word(12) as usize != params.max_connections
         || word(16) as usize != params.ef_construction
@@ -206,8 +253,28 @@ fn read_slots(path: &Path, dimensions: usize, params: IndexParams) -> Result<Slo
         return Err(bad("saved with other dimensions or index parameters"));
     }
     let count = u64::from_le_bytes(body[20..28].try_into().unwrap_or([0; 8])) as usize;
-    let checksums = checksummed.then(|| [word(28), word(32)]);
-    let records = &body[header..];
+    let (saved, header) = match version {
+        1 => (Saved::Hnsw(None), 28),
+        2 => (Saved::Hnsw(Some([word(28), word(32)])), 36),
+        _ => {
+            let mut at = 32;
+            let mut names = Vec::new();
+            for _ in 0..word(28) {
+                let len = *body.get(at).ok_or(bad("segment list cut short"))? as usize;
+                let name = body
+                    .get(at + 1..at + 1 + len)
+                    .ok_or(bad("segment list cut short"))?;
+                let name = std::str::from_utf8(name).map_err(|_| bad("segment name not UTF-8"))?;
+                if name.contains(['/', '\\']) || name.starts_with('.') {
+                    return Err(bad("segment name is not a file name"));
+                }
+                names.push(name.to_string());
+                at += 1 + len;
+            }
+            (Saved::Segments(names), at)
+        }
+    };
+    let records = body.get(header..).ok_or(bad("not a slot map"))?;
     if records.len() != count.saturating_mul(17) {
         return Err(bad("slot count does not match the file length"));
     }
@@ -219,7 +286,7 @@ fn read_slots(path: &Path, dimensions: usize, params: IndexParams) -> Result<Slo
             (EntryId(id), r[16] == 1)
         })
         .collect();
-    Ok((slots, checksums))
+    Ok((slots, saved))
 }
 
 /// The newest complete save of a cache, checked against the configured dimensions and
@@ -235,18 +302,26 @@ pub fn load(
         return Ok(None);
     };
     let path = dir.join(format!("{sequence:020}"));
-    let (slots, checksums) = read_slots(&path.join(SLOTS_FILE), dimensions, params)?;
-    if let Some(expected) = checksums {
-        for (file, expected) in saved_files(&path).iter().zip(expected) {
-            if file_crc(file)? != expected {
-                return Err(SavedError::Io {
-                    path: file.display().to_string(),
-                    reason: "checksum mismatch".into(),
-                });
-            }
+    let (slots, saved) = read_slots(&path.join(SLOTS_FILE), dimensions, params)?;
+    let index = match saved {
+        Saved::Segments(names) => {
+            let files: Vec<PathBuf> = names.iter().map(|n| dir.join(SEGMENTS).join(n)).collect();
+            VectorIndex::open(&files, dimensions, params)?
         }
-    }
-    let index = VectorIndex::load(&path, dimensions, params)?;
+        Saved::Hnsw(checksums) => {
+            if let Some(expected) = checksums {
+                for (file, expected) in saved_files(&path).iter().zip(expected) {
+                    if file_crc(file)? != expected {
+                        return Err(SavedError::Io {
+                            path: file.display().to_string(),
+                            reason: "checksum mismatch".into(),
+                        });
+                    }
+                }
+            }
+            VectorIndex::load(&path, dimensions, params)?
+        }
+    };
     if index.len() != slots.len() {
         return Err(SavedError::Io {
             path: path.display().to_string(),
@@ -272,6 +347,16 @@ mod tests {
         v.into_iter().map(|x| x / n).collect()
     }
 
+    /// The one segment file of a set's newest save.
+    fn segment_files(root: &Path, id: &str) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = fs::read_dir(cache_dir(root, id).join(SEGMENTS))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        files
+    }
+
     #[test]
     fn saves_replace_each_other_and_damage_is_an_error() {
         let root = tempfile::tempdir().unwrap();
@@ -285,49 +370,126 @@ mod tests {
         }
         assert!(load(root.path(), "a/b", 16, params).unwrap().is_none());
         save(root.path(), "a/b", &index, &slots).unwrap();
+        assert_eq!(index.segments(), 1, "the save froze the live graph");
+        // Points added after a save go into a second segment at the next save; the
+        // first is shared, not rewritten.
+        for n in 100..150 {
+            index.insert(n, &unit(&mut rng)).unwrap();
+            slots.push((EntryId::new(), true));
+        }
         save(root.path(), "a/b", &index, &slots).unwrap();
+        assert_eq!(index.segments(), 2);
+        assert_eq!(segment_files(root.path(), "a/b").len(), 2);
         assert_eq!(saved_caches(root.path()), vec!["a/b".to_string()]);
         let dir = cache_dir(root.path(), "a/b");
-        assert_eq!(fs::read_dir(&dir).unwrap().count(), 1, "older save removed");
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 2, "older save removed");
         let loaded = load(root.path(), "a/b", 16, params).unwrap().unwrap();
         assert_eq!(loaded.slots, slots);
-        assert_eq!(loaded.index.len(), 100);
+        assert_eq!(loaded.index.len(), 150);
+        assert_eq!(loaded.index.segments(), 2);
 
         // Other parameters, or a damaged slot map, are refused.
         assert!(load(root.path(), "a/b", 8, params).is_err());
         let slots_file = dir.join(format!("{:020}", 2)).join(SLOTS_FILE);
         let mut bytes = fs::read(&slots_file).unwrap();
-        bytes[40] ^= 1;
+        bytes[100] ^= 1;
         fs::write(&slots_file, &bytes).unwrap();
         assert!(load(root.path(), "a/b", 16, params).is_err());
 
-        // A flipped byte in the graph's data file is caught before hnsw_rs reads it.
-        save(root.path(), "d", &index, &slots).unwrap();
-        let saved = cache_dir(root.path(), "d").join(format!("{:020}", 1));
-        let data = saved.join("graph.hnsw.data");
-        let original = fs::read(&data).unwrap();
-        let mut flipped = original.clone();
-        flipped[original.len() / 2] ^= 0x40;
-        fs::write(&data, &flipped).unwrap();
+        // A flipped byte anywhere in a segment is caught by its checksum.
+        let fresh = VectorIndex::new(16, 0, params);
+        for n in 0..100 {
+            fresh.insert(n, &unit(&mut rng)).unwrap();
+        }
+        save(root.path(), "d", &fresh, &slots[..100]).unwrap();
+        let segment = segment_files(root.path(), "d").remove(0);
+        let original = fs::read(&segment).unwrap();
+        for at in [3, 40, original.len() / 2, original.len() - 1] {
+            let mut flipped = original.clone();
+            flipped[at] ^= 0x40;
+            fs::write(&segment, &flipped).unwrap();
+            assert!(load(root.path(), "d", 16, params).is_err(), "byte {at}");
+        }
+        fs::write(&segment, &original[..original.len() - 64]).unwrap();
         assert!(load(root.path(), "d", 16, params).is_err());
-        fs::write(&data, &original).unwrap();
+        fs::write(&segment, &original).unwrap();
         assert!(load(root.path(), "d", 16, params).unwrap().is_some());
-
-        // Slot maps from before the checksums (SEMSLOT1) still load.
-        let slots_v2 = fs::read(saved.join(SLOTS_FILE)).unwrap();
-        let mut v1 = MAGIC_V1.to_vec();
-        v1.extend_from_slice(&slots_v2[8..28]);
-        v1.extend_from_slice(&slots_v2[36..slots_v2.len() - 32]);
-        let digest = Sha256::digest(&v1);
-        v1.extend_from_slice(&digest);
-        fs::write(saved.join(SLOTS_FILE), &v1).unwrap();
-        let old = load(root.path(), "d", 16, params).unwrap().unwrap();
-        assert_eq!(old.slots, slots);
+        fs::remove_file(&segment).unwrap();
+        assert!(load(root.path(), "d", 16, params).is_err());
         remove(root.path(), "d");
 
         // A slot map that does not match the graph is never written.
         assert!(save(root.path(), "c", &index, &slots[..99]).is_err());
         remove(root.path(), "a/b");
         assert!(saved_caches(root.path()).is_empty());
+    }
+
+    /// Writes a save as builds before segments did: hnsw_rs's files and a SEMSLOT2 (or,
+    /// without CRCs, SEMSLOT1) slot map.
+    fn write_hnsw_save(
+        root: &Path,
+        id: &str,
+        index: &VectorIndex,
+        slots: &[(EntryId, bool)],
+        crcs: bool,
+    ) {
+        let dir = cache_dir(root, id).join(format!("{:020}", 1));
+        fs::create_dir_all(&dir).unwrap();
+        index.save_legacy(&dir).unwrap();
+        let mut bytes = if crcs { MAGIC_V2 } else { MAGIC_V1 }.to_vec();
+        bytes.extend_from_slice(&16u32.to_le_bytes());
+        bytes.extend_from_slice(&(index.params().max_connections as u32).to_le_bytes());
+        bytes.extend_from_slice(&(index.params().ef_construction as u32).to_le_bytes());
+        bytes.extend_from_slice(&(slots.len() as u64).to_le_bytes());
+        if crcs {
+            for file in saved_files(&dir) {
+                bytes.extend_from_slice(&file_crc(&file).unwrap().to_le_bytes());
+            }
+        }
+        for (id, alive) in slots {
+            bytes.extend_from_slice(&id.0);
+            bytes.push(u8::from(*alive));
+        }
+        let digest = Sha256::digest(&bytes);
+        bytes.extend_from_slice(&digest);
+        fs::write(dir.join(SLOTS_FILE), bytes).unwrap();
+    }
+
+    #[test]
+    fn saves_in_hnsw_rs_format_still_load_and_the_next_save_freezes_them() {
+        let root = tempfile::tempdir().unwrap();
+        let params = IndexParams::default();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        let index = VectorIndex::new(16, 0, params);
+        let points: Vec<Vec<f32>> = (0..200).map(|_| unit(&mut rng)).collect();
+        let slots: Vec<(EntryId, bool)> = (0..200).map(|_| (EntryId::new(), true)).collect();
+        for (n, p) in points.iter().enumerate() {
+            index.insert(n, p).unwrap();
+        }
+        for crcs in [true, false] {
+            write_hnsw_save(root.path(), "old", &index, &slots, crcs);
+            let loaded = load(root.path(), "old", 16, params).unwrap().unwrap();
+            assert!(loaded.index.loaded_from_outdated_save());
+            assert_eq!(loaded.slots, slots);
+            assert_eq!(loaded.index.segments(), 0);
+            save(root.path(), "old", &loaded.index, &loaded.slots).unwrap();
+            let reloaded = load(root.path(), "old", 16, params).unwrap().unwrap();
+            assert_eq!(reloaded.index.segments(), 1);
+            assert!(!reloaded.index.loaded_from_outdated_save());
+            for (n, p) in points.iter().enumerate().step_by(7) {
+                assert_eq!(reloaded.index.search(p, 1, &|_| true).unwrap()[0].slot, n);
+            }
+            remove(root.path(), "old");
+        }
+        // A flipped byte in hnsw_rs's data file is caught before hnsw_rs reads it.
+        write_hnsw_save(root.path(), "old", &index, &slots, true);
+        let data = cache_dir(root.path(), "old")
+            .join(format!("{:020}", 1))
+            .join("graph.hnsw.data");
+        let mut bytes = fs::read(&data).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x40;
+        fs::write(&data, &bytes).unwrap();
+        assert!(load(root.path(), "old", 16, params).is_err());
     }
 }
