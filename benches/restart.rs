@@ -1,10 +1,11 @@
 //! Restart time, memory and disk per entry, with the real binary.
 //!
-//! `cargo bench --bench restart` (entries: `SEMCACHE_BENCH_ENTRIES`, default 100000)
+//! `cargo bench --bench restart` (entries: `SEMCACHE_BENCH_ENTRIES`, default 100000;
+//! caches they are spread over: `SEMCACHE_BENCH_CACHES`, default 10)
 //!
 //! Fills a data directory with synthetic entries written straight through the store
 //! (prompts "synthetic prompt <i> about topic <i mod 997>", 200-byte responses, one
-//! attribute, ten caches; vectors are clustered like real prompt embeddings: one of
+//! attribute, ten caches by default; vectors are clustered like real prompt embeddings: one of
 //! 4,096 random unit centres plus Gaussian noise, normalised, cosine ≈ 0.7 to the
 //! centre — embedding a million prompts would take hours and restart never re-embeds
 //! anyway). Then:
@@ -34,7 +35,7 @@ use semcache::store::{EntryId, EntryRecord, Store};
 
 mod common;
 
-fn fill(dir: &Path, entries: usize) {
+fn fill(dir: &Path, entries: usize, caches: usize) {
     let store = Store::open(dir).expect("open store");
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let unit = |v: &mut Vec<f32>| {
@@ -60,7 +61,7 @@ fn fill(dir: &Path, entries: usize) {
         unit(&mut v);
         let record = EntryRecord {
             id: EntryId::new(),
-            cache_id: format!("cache-{}", i % 10),
+            cache_id: format!("cache-{}", i % caches),
             prompt_hash: prompt_hash(&prompt),
             prompt,
             response: response.clone(),
@@ -166,7 +167,15 @@ fn main() {
         .clone()
         .unwrap_or_else(|| tmp.as_ref().unwrap().path().to_path_buf());
     let empty = parent.join("empty");
-    let full = parent.join(format!("full-{entries}"));
+    let caches: usize = std::env::var("SEMCACHE_BENCH_CACHES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|c| *c > 0)
+        .unwrap_or(10);
+    let full = match caches {
+        10 => parent.join(format!("full-{entries}")),
+        _ => parent.join(format!("full-{entries}-in-{caches}")),
+    };
     let _ = std::fs::remove_dir_all(&empty);
     std::fs::create_dir_all(&empty).unwrap();
     let baseline = start(&empty);
@@ -177,7 +186,7 @@ fn main() {
     } else {
         let _ = std::fs::remove_dir_all(&full);
         let t = Instant::now();
-        fill(&full, entries);
+        fill(&full, entries, caches);
         let fill_s = t.elapsed().as_secs_f64();
         (Some(fill_s), Some(start(&full)))
     };
@@ -198,7 +207,7 @@ fn main() {
         None => "-".into(),
     };
     println!(
-        "| {entries} | {} | {} | {} | {:.2} | {} | {:.0} MiB | {:.0} B (re-inserted: {}) | {:.0} MiB | {:.0} B ({:.0} B) |",
+        "| {entries} in {caches} | {} | {} | {} | {:.2} | {} | {:.0} MiB | {:.0} B (re-inserted: {}) | {:.0} MiB | {:.0} B ({:.0} B) |",
         or_dash(fill_s, 1),
         or_dash(rebuilt.as_ref().map(|r| r.ready_s), 1),
         or_dash(rebuilt.as_ref().map(|r| r.stop_s), 1),

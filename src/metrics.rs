@@ -24,6 +24,7 @@ pub struct Metrics {
     pub bytes: IntGaugeVec,
     pub evictions: IntCounterVec,
     pub tombstones: IntGaugeVec,
+    pub index_segments: IntGaugeVec,
     pub false_hit_reports: IntCounterVec,
     pub bounded_decisions: IntCounterVec,
     pub exploration_labels: IntCounterVec,
@@ -90,6 +91,13 @@ fn build() -> Result<Metrics, prometheus::Error> {
         Opts::new(
             "semcache_index_tombstones",
             "Dead points still in a cache's HNSW graph",
+        ),
+        &["cache"],
+    )?;
+    let index_segments = IntGaugeVec::new(
+        Opts::new(
+            "semcache_index_segments",
+            "Frozen (memory-mapped) segments in a cache's index; the live graph is not counted",
         ),
         &["cache"],
     )?;
@@ -253,6 +261,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
     registry.register(Box::new(bytes.clone()))?;
     registry.register(Box::new(evictions.clone()))?;
     registry.register(Box::new(tombstones.clone()))?;
+    registry.register(Box::new(index_segments.clone()))?;
     registry.register(Box::new(false_hit_reports.clone()))?;
     registry.register(Box::new(bounded_decisions.clone()))?;
     registry.register(Box::new(exploration_labels.clone()))?;
@@ -273,6 +282,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
         bytes,
         evictions,
         tombstones,
+        index_segments,
         false_hit_reports,
         bounded_decisions,
         exploration_labels,
@@ -332,6 +342,7 @@ impl Metrics {
         self.entries.with_label_values(&[label]);
         self.bytes.with_label_values(&[label]);
         self.tombstones.with_label_values(&[label]);
+        self.index_segments.with_label_values(&[label]);
         label.to_string()
     }
 

@@ -180,15 +180,24 @@ fn a_damaged_saved_index_is_rebuilt_from_the_store() {
         s.signal("TERM");
         assert_eq!(s.wait_exit(Duration::from_secs(60)), Some(0));
     }
-    // Truncate every file of the save.
+    // One flipped bit in the middle of each frozen segment (its slot map intact): the
+    // segment's checksum catches it.
+    let mut segments = 0;
     for cache in dir.join("indexes").read_dir().unwrap() {
         for save in cache.unwrap().path().read_dir().unwrap() {
             for file in save.unwrap().path().read_dir().unwrap() {
                 let path = file.unwrap().path();
-                std::fs::write(&path, b"damaged").unwrap();
+                if path.extension().is_some_and(|e| e == "seg") {
+                    let mut bytes = std::fs::read(&path).unwrap();
+                    let middle = bytes.len() / 2;
+                    bytes[middle] ^= 0x10;
+                    std::fs::write(&path, bytes).unwrap();
+                    segments += 1;
+                }
             }
         }
     }
+    assert_eq!(segments, 1, "one cache, one segment");
     let s = Server::start_in(&dir, &[]);
     assert_eq!(startup_entries(&s, "saved_index"), 0);
     assert_eq!(startup_entries(&s, "reinserted"), 1);

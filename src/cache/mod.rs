@@ -467,6 +467,8 @@ impl CacheService {
         for (cache_id, state) in self.all_states() {
             if state.set.save_if_stale(&root, &cache_id, when).await {
                 saved_count += 1;
+                // A save froze the live graph into a segment.
+                self.publish_gauges(&cache_id, &state);
             }
         }
         Ok(saved_count)
@@ -682,10 +684,15 @@ impl CacheService {
     }
 
     fn publish_gauges(&self, cache_id: &str, state: &CacheState) {
-        let (live, bytes, tombstones) = {
+        let (live, bytes, tombstones, segments) = {
             let generation = state.generation();
             let t = generation.read();
-            (t.live(), t.live_bytes(), t.tombstones())
+            (
+                t.live(),
+                t.live_bytes(),
+                t.tombstones(),
+                generation.index.segments(),
+            )
         };
         let m = metrics();
         let label = m.cache_label(cache_id);
@@ -694,6 +701,9 @@ impl CacheService {
         m.tombstones
             .with_label_values(&[&label])
             .set(tombstones as i64);
+        m.index_segments
+            .with_label_values(&[&label])
+            .set(segments as i64);
     }
 
     /// A cache's counters and sizes; `None` for a cache never used.

@@ -452,7 +452,11 @@ impl Segment {
     }
 
     fn neighbours(&self, point: usize, layer: usize) -> &[u32] {
-        let list = self.first()[point] as usize + layer;
+        let first = self.first();
+        let list = first[point] as usize + layer;
+        if list >= first[point + 1] as usize {
+            return &[]; // above the point's level
+        }
         let offsets = self.offsets();
         &self.links()[offsets[list] as usize..offsets[list + 1] as usize]
     }

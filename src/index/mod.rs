@@ -553,6 +553,7 @@ impl VectorIndex {
                 .map_err(|p| IndexError::Internal(panic_text(p)));
         }
         let mut found = Vec::new();
+        let live_searched = parts.live.get_nb_point() > 0;
         for segment in &parts.frozen {
             // A frozen walk filters as it goes at little cost, whichever `walk` is asked.
             let hits = catch_unwind(AssertUnwindSafe(|| segment.search(query, k, ef, keep)))
@@ -562,10 +563,10 @@ impl VectorIndex {
                 similarity: 1.0 - f.distance,
             }));
         }
-        if parts.live.get_nb_point() > 0 {
+        if live_searched {
             found.extend(search_live(&parts.live, query, k, ef, walk, keep)?);
         }
-        if parts.frozen.len() > 1 || (!parts.frozen.is_empty() && found.len() > k) {
+        if parts.frozen.len() + usize::from(live_searched) > 1 {
             found.sort_by(|a, b| b.similarity.total_cmp(&a.similarity));
             found.truncate(k);
         }

@@ -303,3 +303,51 @@ pub fn on_every_core<T: Send, R: Send>(items: Vec<T>, work: impl Fn(T) -> R + Sy
             .collect()
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Slots that are all alive: enough of a core's table for these tests.
+    #[derive(Default)]
+    struct AllAlive(Vec<EntryId>);
+
+    impl SlotMap for AllAlive {
+        fn live(&self) -> usize {
+            self.0.len()
+        }
+        fn tombstones(&self) -> usize {
+            0
+        }
+        fn slot_count(&self) -> usize {
+            self.0.len()
+        }
+        fn slot_entries(&self) -> Vec<(EntryId, bool)> {
+            self.0.iter().map(|id| (*id, true)).collect()
+        }
+        fn live_ids(&self) -> Vec<EntryId> {
+            self.0.clone()
+        }
+        fn reserve_tombstones(&mut self, _: usize) {}
+        fn kill_entry(&mut self, _: &EntryId) {}
+    }
+
+    #[tokio::test]
+    async fn saves_freeze_segments_until_too_many_call_for_a_rebuild() {
+        let root = tempfile::tempdir().unwrap();
+        let set = IndexedSet::<AllAlive>::new(8, IndexParams::default());
+        let mut slot = 0;
+        for round in 1..=MAX_SEGMENTS + 1 {
+            let generation = set.generation();
+            for _ in 0..10 {
+                let v: Vec<f32> = (0..8).map(|d| ((slot * 7 + d) % 11) as f32 + 0.5).collect();
+                generation.index.insert(slot, &v).unwrap();
+                generation.write().0.push(EntryId::new());
+                slot += 1;
+            }
+            assert!(set.save_if_stale(root.path(), "s", SaveWhen::Changed).await);
+            assert_eq!(set.generation().index.segments(), round);
+            assert_eq!(set.needs_rebuild(), round > MAX_SEGMENTS, "round {round}");
+        }
+    }
+}
