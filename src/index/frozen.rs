@@ -260,6 +260,7 @@ pub struct Segment {
     top: usize,
     entry: u32,
     lists: usize,
+    links: usize,
     max_connections: usize,
     ef_construction: usize,
     path: PathBuf,
@@ -338,6 +339,7 @@ impl Segment {
             top,
             entry,
             lists,
+            links,
             max_connections,
             ef_construction,
             path: path.to_path_buf(),
@@ -402,10 +404,7 @@ impl Segment {
     }
 
     fn links(&self) -> &[u32] {
-        let count = (self.layout.end - self.layout.links) / 4;
-        let all = self.words(self.layout.links, count);
-        let used = self.offsets()[self.lists] as usize;
-        &all[..used.min(count)]
+        self.words(self.layout.links, self.links)
     }
 
     fn level(&self, point: usize) -> usize {
