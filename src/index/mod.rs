@@ -639,8 +639,11 @@ fn exact(
             consider(slot, vector);
         }
     }
-    for point in parts.live.get_point_indexation() {
-        consider(point.get_origin_id(), point.get_v());
+    // hnsw_rs's point iterator unwraps the entry point, which an empty graph lacks.
+    if parts.live.get_nb_point() > 0 {
+        for point in parts.live.get_point_indexation() {
+            consider(point.get_origin_id(), point.get_v());
+        }
     }
     best
 }
@@ -1011,6 +1014,23 @@ mod tests {
             assert_eq!(found, sorted);
         }
         assert!(index.search(&queries[0], 5, &|_| false).unwrap().is_empty());
+
+        // Frozen segments only, the live graph empty: every walk still answers.
+        index.freeze(dir.path()).unwrap();
+        assert_eq!(index.segments(), 4);
+        for walk in [Walk::PlainFirst, Walk::Filtered, Walk::Exact] {
+            let found = index
+                .search_with(&points[77], 3, 64, walk, &|_| true)
+                .unwrap();
+            assert_eq!(found[0].slot, 77, "{walk:?}");
+        }
+        let empty = VectorIndex::new(64, 0, IndexParams::default());
+        for walk in [Walk::PlainFirst, Walk::Filtered, Walk::Exact] {
+            assert!(empty
+                .search_with(&points[0], 3, 64, walk, &|_| true)
+                .unwrap()
+                .is_empty());
+        }
     }
 
     #[test]
