@@ -286,6 +286,17 @@ impl Segment {
     /// Maps `path` and checks it whole: header and body checksums, section sizes, every
     /// offset and link in range. A damaged file is an error, never a later panic.
     pub fn open(path: &Path) -> Result<Self, SegmentError> {
+        Self::map(path, true)
+    }
+
+    /// [`Segment::open`] for a file this process has just written and synced: the
+    /// writer computed the body's CRC from the bytes it wrote, so reading them all back
+    /// again (under a save's gate) is skipped; header and structure are still checked.
+    pub fn open_written(path: &Path) -> Result<Self, SegmentError> {
+        Self::map(path, false)
+    }
+
+    fn map(path: &Path, check_body: bool) -> Result<Self, SegmentError> {
         let invalid = |reason: &str| SegmentError::Invalid {
             path: path.display().to_string(),
             reason: reason.to_string(),
@@ -324,10 +335,12 @@ impl Segment {
         if map.len() != layout.end {
             return Err(invalid("file length does not match its header"));
         }
-        #[cfg(unix)]
-        let _ = map.advise(memmap2::Advice::Sequential);
-        if crc32fast::hash(&map[HEADER..]) != word(48) {
-            return Err(invalid("checksum mismatch"));
+        if check_body {
+            #[cfg(unix)]
+            let _ = map.advise(memmap2::Advice::Sequential);
+            if crc32fast::hash(&map[HEADER..]) != word(48) {
+                return Err(invalid("checksum mismatch"));
+            }
         }
         #[cfg(unix)]
         let _ = map.advise(memmap2::Advice::Random);
@@ -427,11 +440,6 @@ impl Segment {
     /// (M, ef_construction) the graph was built with.
     pub fn built_with(&self) -> (usize, usize) {
         (self.max_connections, self.ef_construction)
-    }
-
-    /// Bytes of the mapped file.
-    pub fn bytes(&self) -> usize {
-        self.map.len()
     }
 
     pub fn path(&self) -> &Path {

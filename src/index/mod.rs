@@ -377,7 +377,7 @@ impl VectorIndex {
                 let _ = std::fs::remove_file(&path);
                 return Err(e);
             }
-            frozen.push(Arc::new(Segment::open(&path)?));
+            frozen.push(Arc::new(Segment::open_written(&path)?));
             let live = live_graph(self.params, 0);
             *self.parts.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Parts {
                 frozen: frozen.clone(),
@@ -390,11 +390,6 @@ impl VectorIndex {
     /// Frozen segments in this index.
     pub fn segments(&self) -> usize {
         self.parts().frozen.len()
-    }
-
-    /// Bytes of the mapped segment files (their vectors and graphs).
-    pub fn frozen_bytes(&self) -> usize {
-        self.parts().frozen.iter().map(|s| s.bytes()).sum()
     }
 
     /// Writes the live graph in hnsw_rs's own format, as saves did before segments;
